@@ -1,0 +1,21 @@
+"""Backends generate completions for a batch of conversations. ``make_backend`` picks one by name."""
+
+from __future__ import annotations
+
+from cai.backends.base import Backend, Completion, Sampling
+
+__all__ = ["Backend", "Completion", "Sampling", "make_backend", "BACKENDS"]
+
+BACKENDS = ("local", "fake")
+
+
+def make_backend(kind: str, model: str | None = None, device: str | None = None) -> Backend:
+    if kind == "local":
+        from cai.backends.local import LocalBackend
+
+        return LocalBackend(model, device=device)
+    if kind == "fake":
+        from cai.backends.fake import FakeBackend
+
+        return FakeBackend("fake" if model in (None, "", "default") else model)
+    raise ValueError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")

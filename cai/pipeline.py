@@ -1,0 +1,241 @@
+"""The critique→revise engine.
+
+For each prompt: the model answers; then, for each of ``rounds`` rounds, a principle is drawn (seeded, a fresh one
+each round while unused ones remain), the model critiques its current answer against it and revises the answer. Every
+stage runs over a whole batch of prompts in one backend call. Output checks flag answers that are empty, echo the
+prompt or the request, are cut off, or come back unchanged; flagged records are kept, with their flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from difflib import SequenceMatcher
+from typing import Callable
+
+from cai import __version__
+from cai.backends.base import Backend, Completion, Sampling
+from cai.constitution import Constitution
+from cai.errors import Issue
+from cai.prompt_sets import PromptItem
+from cai.prompts import PROMPT_FORMAT, Message, critique_messages, frame_sha256, respond_messages, revise_messages
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What will be generated for one prompt, known before any model call: its principles and its key."""
+
+    item: PromptItem
+    principles: tuple[str, ...]   # principle id per round
+    key: str
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """Reported after every backend call (one stage over one batch)."""
+
+    stage: str                # "respond", "critique" or "revise"
+    round: int                # 0 for respond, else 1-based round
+    items: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+def draw_principles(constitution: Constitution, prompt_id: str, seed: int, rounds: int) -> tuple[str, ...]:
+    """Seeded weighted draw of one principle per round, without replacement while unused principles remain.
+
+    The draw depends only on (seed, prompt id, the principle ids and weights): editing a principle's text never
+    changes which principle a prompt draws, so an edit touches only the records that drew that principle.
+    """
+    rng = random.Random(int.from_bytes(hashlib.sha256(f"{seed}\x00{prompt_id}".encode()).digest()[:8], "big"))
+    ids = constitution.ids
+    weights = {p.id: p.weight for p in constitution.principles}
+    chosen: list[str] = []
+    for r in range(rounds):
+        in_cycle = r % len(ids)              # after every principle was used once, a new cycle starts
+        used = set(chosen[r - in_cycle:])
+        pool = [i for i in ids if i not in used]
+        if in_cycle == 0 and chosen and len(ids) > 1:
+            pool = [i for i in ids if i != chosen[-1]]   # no principle twice in a row
+        chosen.append(rng.choices(pool, weights=[weights[i] for i in pool])[0])
+    return tuple(chosen)
+
+
+def record_key(item: PromptItem, constitution: Constitution, principles: tuple[str, ...], backend: Backend,
+               sampling: Sampling) -> str:
+    material = {
+        "prompt_id": item.id,
+        "messages": item.messages,
+        "principles": [constitution.principle(p).sha256 for p in principles],
+        "frame": frame_sha256(constitution),
+        "model": backend.model,
+        "model_revision": backend.model_revision,
+        "sampling": sampling.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output checks
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+def is_echo(answer: str, sources: list[str]) -> bool:
+    """True when the answer repeats one of the sources (the prompt, the request) rather than answering it."""
+    a = _norm(answer)
+    if not a:
+        return False
+    for source in sources:
+        s = _norm(source)
+        if not s:
+            continue
+        if a == s or (len(s) >= 24 and a.startswith(s)):
+            return True
+        if len(a) <= 2 * len(s) and SequenceMatcher(None, a, s, autojunk=False).ratio() >= 0.85:
+            return True
+    return False
+
+
+def check_output(completion: Completion, sources: list[str], previous: str | None = None) -> list[str]:
+    flags = []
+    if not completion.text.strip():
+        flags.append("empty")
+    elif is_echo(completion.text, sources):
+        flags.append("echo")
+    if completion.finish_reason == "length":
+        flags.append("truncated")
+    if previous is not None and completion.text.strip() and _norm(completion.text) == _norm(previous):
+        flags.append("unchanged")
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The generator
+
+
+class Generator:
+    def __init__(self, constitution: Constitution, backend: Backend, *, rounds: int = 1,
+                 sampling: Sampling | None = None):
+        if rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {rounds}")
+        self.constitution = constitution
+        self.backend = backend
+        self.rounds = rounds
+        self.sampling = sampling or Sampling()
+
+    def plan(self, items: list[PromptItem]) -> list[Plan]:
+        plans = []
+        for item in items:
+            principles = draw_principles(self.constitution, item.id, self.sampling.seed, self.rounds)
+            plans.append(Plan(item, principles, record_key(item, self.constitution, principles, self.backend,
+                                                           self.sampling)))
+        return plans
+
+    def context_issues(self, plans: list[Plan]) -> tuple[dict[str, Issue], dict[str, int]]:
+        """Prompts that may not fit the model's context, by a worst-case bound: the longest stage (revise) with the
+        answer and the critique each at max_new_tokens, plus the revision's own max_new_tokens. Also returns each
+        prompt's own token count (used to batch prompts of similar length together). Both are keyed by prompt id."""
+        ctx = self.backend.context_length
+        m = self.sampling.max_new_tokens
+        issues: dict[str, Issue] = {}
+        sizes: dict[str, int] = {}
+        for plan in plans:
+            own = self.backend.count_tokens(respond_messages(plan.item.messages))
+            sizes[plan.item.id] = own
+            if not ctx:
+                continue
+            frame = max(self.backend.count_tokens(revise_messages(
+                self.constitution, plan.item.messages, "", self.constitution.principle(p), ""))
+                for p in set(plan.principles))
+            need = frame + 3 * m
+            if own + m > ctx or need > ctx:
+                file, _, line = plan.item.source.rpartition(":")
+                issues[plan.item.id] = Issue(
+                    f"prompt {plan.item.id!r} needs up to {need} tokens ({frame} of prompt, exemplars and "
+                    f"requests + answer, critique and revision of up to {m} each); the model's context is {ctx}",
+                    file or None, int(line) if line.isdigit() else None)
+        return issues, sizes
+
+    def run_batch(self, plans: list[Plan], on_stage: Callable[[StageEvent], None] | None = None) -> list[dict]:
+        """Generate the records of a batch of prompts; each stage is one backend call over the whole batch."""
+        c, s = self.constitution, self.sampling
+        convos = [p.item.messages for p in plans]
+        usage = [{"prompt_tokens": 0, "completion_tokens": 0} for _ in plans]
+        batch_seed = int(hashlib.sha256((str(s.seed) + "".join(p.key for p in plans)).encode()).hexdigest()[:8], 16)
+
+        def call(stage: str, rnd: int, batch: list[list[Message]]) -> list[Completion]:
+            t0 = time.perf_counter()
+            out = self.backend.generate(batch, s, seed=(batch_seed + 1000 * rnd + len(stage)) % (2 ** 31))
+            if len(out) != len(batch):
+                raise RuntimeError(f"backend returned {len(out)} completions for {len(batch)} conversations")
+            for u, comp in zip(usage, out):
+                u["prompt_tokens"] += comp.prompt_tokens
+                u["completion_tokens"] += comp.completion_tokens
+            if on_stage:
+                on_stage(StageEvent(stage, rnd, len(batch), sum(o.prompt_tokens for o in out),
+                                    sum(o.completion_tokens for o in out), time.perf_counter() - t0))
+            return out
+
+        initial = call("respond", 0, [respond_messages(m) for m in convos])
+        initial_flags = [check_output(comp, [p.item.last_user]) for comp, p in zip(initial, plans)]
+        answers = [comp.text for comp in initial]
+        rounds: list[list[dict]] = [[] for _ in plans]
+        for r in range(self.rounds):
+            principles = [c.principle(p.principles[r]) for p in plans]
+            crit = call("critique", r + 1, [critique_messages(c, m, a, pr)
+                                            for m, a, pr in zip(convos, answers, principles)])
+            rev = call("revise", r + 1, [revise_messages(c, m, a, pr, cr.text)
+                                         for m, a, pr, cr in zip(convos, answers, principles, crit)])
+            for i, (pr, cr, rv) in enumerate(zip(principles, crit, rev)):
+                # critique problems are kept on the round, prefixed; the revision's own flags reach the record
+                flags = ["critique_" + f for f in check_output(cr, [pr.critique])]
+                flags += check_output(rv, [pr.revision, pr.critique, cr.text, plans[i].item.last_user],
+                                      previous=answers[i])
+                rounds[i].append({"principle": pr.id, "principle_sha256": pr.sha256, "critique": cr.text,
+                                  "revision": rv.text, "flags": flags})
+                answers[i] = rv.text
+        return [self._record(p, initial[i].text, initial_flags[i], rounds[i], usage[i])
+                for i, p in enumerate(plans)]
+
+    def _record(self, plan: Plan, initial: str, initial_flags: list[str], rounds: list[dict], usage: dict) -> dict:
+        c = self.constitution
+        # record-level flags: problems in the texts that become training data (the initial answer, each revision)
+        flags: list[str] = []
+        for f in initial_flags + [f for r in rounds for f in r["flags"] if not f.startswith("critique_")]:
+            if f not in flags:
+                flags.append(f)
+        return {
+            "id": plan.key,
+            "prompt_id": plan.item.id,
+            "category": plan.item.category,
+            "messages": plan.item.messages,
+            "initial": initial,
+            "initial_flags": initial_flags,
+            "rounds": rounds,
+            "final": rounds[-1]["revision"] if rounds else initial,
+            "flags": flags,
+            "usage": usage,
+            "provenance": {
+                "constitution": {"name": c.name, "version": c.version, "sha256": c.sha256},
+                "principle_sha256": {p: c.principle(p).sha256 for p in dict.fromkeys(plan.principles)},
+                "frame_sha256": frame_sha256(c),
+                "prompt_format": PROMPT_FORMAT,
+                "model": self.backend.model,
+                "model_revision": self.backend.model_revision,
+                "backend": self.backend.name,
+                "sampling": self.sampling.to_dict(),
+                "seed": self.sampling.seed,
+                "rounds": self.rounds,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "cai_version": __version__,
+            },
+        }

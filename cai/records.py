@@ -1,0 +1,225 @@
+"""Records and the run folder's JSONL store.
+
+``records.jsonl`` holds one record a line. Writes append whole lines, one ``write`` per batch, then ``fsync``: a
+``kill -9`` can at worst leave one torn last line, which the next open cuts off (it is the batch that was in flight;
+its records are generated again). Records are keyed (``id``); a key already in the file is never written again, and a
+lock file keeps two writers out of one folder.
+
+When a prompt's key changes (an edited principle it used, other sampling settings), the old record is moved to
+``superseded.jsonl`` before the new one is generated: ``records.jsonl`` holds at most one record per prompt, and
+nothing finished is ever deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel, ConfigDict
+
+from cai.errors import RunFolderError, display_path
+from cai.prompts import Message
+
+FLAGS = ("empty", "echo", "truncated", "unchanged")
+
+
+class Round(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    principle: str
+    principle_sha256: str
+    critique: str
+    revision: str
+    flags: list[str] = []
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    prompt_id: str
+    category: str | None = None
+    messages: list[Message]
+    initial: str
+    initial_flags: list[str] = []
+    rounds: list[Round]
+    final: str
+    flags: list[str]
+    usage: dict[str, int]           # prompt_tokens, completion_tokens over every stage
+    provenance: dict[str, Any]
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Read a JSONL file written by this module: (line number, object) pairs. A torn last line (no newline: a write
+    cut short by a kill) is skipped; any other unreadable line is an error naming its line."""
+    if not path.exists():
+        return
+    with open(path, "rb") as fh:
+        data = fh.read()
+    lines = data.split(b"\n")
+    complete = lines[:-1]      # the piece after the last newline is empty, or a torn line
+    for n, raw in enumerate(complete, start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield n, json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunFolderError(f"{display_path(path)}:{n}: unreadable line ({e})",
+                                 hint="This line was not written by cai (a kill only ever tears the last line). "
+                                      "Remove or fix it by hand.") from None
+
+
+def read_records(path: str | Path) -> list[Record]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "records.jsonl"
+    out = []
+    for n, obj in read_jsonl(path):
+        try:
+            out.append(Record.model_validate(obj))
+        except Exception as e:
+            raise RunFolderError(f"{display_path(path)}:{n}: not a valid record: {str(e).splitlines()[0]}") from None
+    return out
+
+
+@dataclass
+class OpenStore:
+    """A run folder opened for writing (holds the lock until closed)."""
+
+    root: Path
+    records: dict[str, dict] = field(default_factory=dict)     # id -> record, as on disk
+    torn_bytes: int = 0          # size of a torn last line cut off on open (0 if none)
+    _lock: Any = None
+
+    @property
+    def records_path(self) -> Path:
+        return self.root / "records.jsonl"
+
+    def by_prompt(self) -> dict[str, dict]:
+        return {r["prompt_id"]: r for r in self.records.values()}
+
+    def append(self, records: list[dict]) -> int:
+        """Append records whose id is new, as one write, then fsync. Returns how many were written."""
+        fresh = [r for r in records if r["id"] not in self.records]
+        if not fresh:
+            return 0
+        _append_lines(self.records_path, fresh)
+        for r in fresh:
+            self.records[r["id"]] = r
+        return len(fresh)
+
+    def append_error(self, entry: dict) -> None:
+        _append_lines(self.root / "errors.jsonl", [entry])
+
+    def supersede(self, ids: set[str]) -> int:
+        """Move these records to superseded.jsonl; rewrite records.jsonl without them (atomically)."""
+        moving = [self.records[i] for i in ids if i in self.records]
+        if not moving:
+            return 0
+        already = {obj.get("id") for _, obj in read_jsonl(self.root / "superseded.jsonl")}
+        _append_lines(self.root / "superseded.jsonl", [r for r in moving if r["id"] not in already])
+        keep = [r for i, r in self.records.items() if i not in ids]
+        tmp = self.records_path.with_suffix(".jsonl.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write("".join(_line(r) for r in keep).encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.records_path)
+        _fsync_dir(self.root)
+        self.records = {r["id"]: r for r in keep}
+        return len(moving)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+
+@contextlib.contextmanager
+def open_store(root: str | Path) -> Iterator[OpenStore]:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = open(root / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RunFolderError(f"{display_path(root)} is in use by another cai process",
+                             hint="Wait for it to finish, or choose another --out folder.") from None
+    store = OpenStore(root, _lock=lock)
+    try:
+        store.torn_bytes = _repair_tail(store.records_path)
+        for n, obj in read_jsonl(store.records_path):
+            if not isinstance(obj, dict) or "id" not in obj or "prompt_id" not in obj:
+                raise RunFolderError(f"{display_path(store.records_path)}:{n}: not a record (no id/prompt_id)")
+            store.records.setdefault(obj["id"], obj)
+        yield store
+    finally:
+        store.close()
+
+
+def _repair_tail(path: Path) -> int:
+    """Cut a torn last line (bytes after the final newline) off the file. Returns the bytes removed."""
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as fh:
+        # scan back from the end for the last newline; torn tails are at most one batch of lines
+        block = 1 << 16
+        pos = size
+        while pos > 0:
+            start = max(0, pos - block)
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            idx = chunk.rfind(b"\n")
+            if idx != -1:
+                keep = start + idx + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        if keep == size:
+            return 0
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return size - keep
+
+
+def _line(obj: dict) -> str:
+    # ensure_ascii keeps lone surrogates and odd bytes from breaking the UTF-8 file; one object, one line
+    return json.dumps(obj, ensure_ascii=True, separators=(",", ":")) + "\n"
+
+
+def _append_lines(path: Path, objs: list[dict]) -> None:
+    data = "".join(_line(o) for o in objs).encode("ascii")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
