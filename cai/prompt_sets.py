@@ -53,7 +53,8 @@ def load_prompts(spec: str | Path, *, strict: bool = False, split: str = "train"
             rows = _parquet_rows(path, shown)
         else:
             raise PromptFileError(f"{shown}: unsupported file type {suffix!r} (use .jsonl or .parquet)")
-    elif str(spec).endswith((".jsonl", ".json", ".parquet", ".ndjson")) or str(spec).startswith((".", "/", "~")):
+    elif (str(spec).endswith((".jsonl", ".json", ".parquet", ".ndjson")) or str(spec).startswith((".", "/", "~"))
+          or str(spec).count("/") > 1):   # a hub dataset is "name" or "org/name": more slashes is a local path
         raise PromptFileError(f"prompt file not found: {shown}")
     else:
         rows = _hub_rows(str(spec), split)

@@ -1,0 +1,125 @@
+"""Generation throughput on the default model: the pipeline vs raw batched ``model.generate`` vs one prompt at a time.
+
+All three run in this one process, on exactly the same conversations with the same generated lengths: the pipeline
+runs first (greedy, so every path decodes the same tokens) and records every batch it sends to the backend; the raw
+baselines then replay those batches, batched as the pipeline batched them and one by one. Prints tokens/s for each and
+the ratios. Absolute figures depend on the machine's load; the ratios, measured side by side, are what to compare.
+
+    .venv/bin/python bench/generate.py                  # 16 prompts, batch 16, 1 round, 128 new tokens per stage
+    .venv/bin/python bench/generate.py --batch-size 8 --max-new-tokens 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cai.backends.base import Sampling  # noqa: E402
+from cai.backends.local import LocalBackend  # noqa: E402
+from cai.constitution import load_constitution  # noqa: E402
+from cai.generate import run_generate  # noqa: E402
+from cai.prompt_sets import load_prompts  # noqa: E402
+
+
+class Recording(LocalBackend):
+    """The local backend, remembering every batch it was asked to complete."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.batches: list[list] = []
+        self.seconds: list[float] = []
+
+    def generate(self, batch, sampling, seed):
+        self.batches.append(batch)
+        t0 = time.perf_counter()
+        out = super().generate(batch, sampling, seed)
+        self.seconds.append(time.perf_counter() - t0)
+        return out
+
+
+def raw_generate(backend: LocalBackend, batch, max_new_tokens: int) -> int:
+    """Plain transformers: tokenizer padding + one model.generate call. Returns generated tokens (up to EOS)."""
+    tok = backend.tokenizer
+    enc = tok([backend.render(m) for m in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = backend.lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                  eos_token_id=backend.eos_ids, pad_token_id=tok.pad_token_id)
+    eos = set(backend.eos_ids)
+    total = 0
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        total += len(row) if stop is None else stop + 1
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    backend = Recording("default")
+    constitution = load_constitution(ROOT / "constitution/default.yaml")
+    items = load_prompts(ROOT / "data/prompts/red_team.jsonl").items
+    items = items[:: max(1, len(items) // args.prompts)][: args.prompts]   # spread over the categories
+    sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=0)
+
+    def pipeline(prefix_cache: bool) -> tuple[float, int]:
+        backend.prefix_cache = prefix_cache
+        backend._prefixes.clear()
+        backend.batches.clear()
+        backend.seconds.clear()
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            s = run_generate(constitution=constitution, items=items, backend=backend, out=out, rounds=args.rounds,
+                             sampling=sampling, batch_size=args.batch_size)
+            return time.perf_counter() - t0, s.completion_tokens
+
+    pipeline(True)   # warm-up: first-call allocations and thread pools, so no path pays them in its timing
+    t_pipe, n_pipe = pipeline(True)
+    batches = list(backend.batches)
+    call_seconds = list(backend.seconds)
+    t_nocache, n_nocache = pipeline(False)
+
+    t0 = time.perf_counter()
+    n_raw = sum(raw_generate(backend, b, args.max_new_tokens) for b in batches)
+    t_raw = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n_one = sum(raw_generate(backend, [m], args.max_new_tokens) for b in batches for m in b)
+    t_one = time.perf_counter() - t0
+
+    rate = {k: n / t for k, (t, n) in {"pipeline": (t_pipe, n_pipe), "pipeline, no prefix cache": (t_nocache, n_nocache),
+                                       "raw batched generate": (t_raw, n_raw),
+                                       "one prompt at a time": (t_one, n_one)}.items()}
+    times = {"pipeline": t_pipe, "pipeline, no prefix cache": t_nocache, "raw batched generate": t_raw,
+             "one prompt at a time": t_one}
+    tokens = {"pipeline": n_pipe, "pipeline, no prefix cache": n_nocache, "raw batched generate": n_raw,
+              "one prompt at a time": n_one}
+    print(f"default model, {len(items)} prompts, batch {args.batch_size}, {args.rounds} round(s), "
+          f"{args.max_new_tokens} new tokens max per stage, greedy; {len(batches)} backend calls; "
+          f"torch threads {torch.get_num_threads()}")
+    print("pipeline backend calls (s):", " ".join(f"{t:.1f}" for t in call_seconds))
+    print(f"{'path':28} {'tokens':>7} {'seconds':>8} {'tok/s':>7}")
+    for k in rate:
+        print(f"{k:28} {tokens[k]:7d} {times[k]:8.1f} {rate[k]:7.1f}")
+    print(f"pipeline / raw batched        = {rate['pipeline'] / rate['raw batched generate']:.2f}  (target >= 0.9)")
+    print(f"pipeline / one at a time      = {rate['pipeline'] / rate['one prompt at a time']:.2f}  (target >= 5)")
+    print(f"raw batched / one at a time   = {rate['raw batched generate'] / rate['one prompt at a time']:.2f}")
+    print(f"pipeline no cache / raw batch = {rate['pipeline, no prefix cache'] / rate['raw batched generate']:.2f}"
+          "  (the pipeline's own overhead)")
+
+
+if __name__ == "__main__":
+    main()

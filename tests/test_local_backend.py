@@ -1,0 +1,220 @@
+"""The local transformers backend on a tiny randomly initialised model built in a fixture (offline, CPU)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from cai.backends.base import Sampling
+from cai.cli import main
+from cai.errors import ContextLengthError, ModelError
+from cai.generate import run_generate
+from cai.prompts import critique_messages
+from conftest import build_tiny_model, copy_model_without_chat_template, items_from, make_constitution, prompt_rows
+
+GREEDY = Sampling(temperature=0.0, max_new_tokens=8)
+
+SHORT = [{"role": "user", "content": "Hi"}]
+MEDIUM = [{"role": "user", "content": "What is the best way to keep a garden healthy during a very dry summer?"}]
+LONG = [
+    {"role": "system", "content": "You are a careful assistant."},
+    {"role": "user", "content": "Tell me about the history of the printing press in Europe."},
+    {"role": "assistant", "content": "The printing press spread quickly after Gutenberg's work around 1450."},
+    {"role": "user", "content": "And how did it change the way people shared news and scientific ideas?"},
+]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_backend):
+    return tiny_backend
+
+
+def test_loads_the_tiny_model(backend, tiny_model_dir):
+    assert backend.name == "local"
+    assert backend.context_length == 4096
+    assert backend.tokenizer.padding_side == "left"
+    assert backend.tokenizer.convert_tokens_to_ids("<|im_end|>") in backend.eos_ids
+    rendered = backend.render(SHORT)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert backend.count_tokens(SHORT) < backend.count_tokens(MEDIUM) < backend.count_tokens(LONG)
+
+
+def test_batch_of_different_lengths(backend):
+    out = backend.generate([SHORT, LONG, MEDIUM], GREEDY, seed=0)
+    assert len(out) == 3
+    for conv, comp in zip([SHORT, LONG, MEDIUM], out):
+        assert comp.finish_reason in {"stop", "length"}
+        assert 0 < comp.completion_tokens <= GREEDY.max_new_tokens
+        assert comp.prompt_tokens == backend.count_tokens(conv)
+        if comp.finish_reason == "length":
+            assert comp.completion_tokens == GREEDY.max_new_tokens
+    assert backend.generate([], GREEDY, seed=0) == []
+
+
+def test_greedy_is_deterministic_and_batch_invariant(backend):
+    batch = [SHORT, LONG, MEDIUM]
+    together = backend.generate(batch, GREEDY, seed=0)
+    again = backend.generate(batch, GREEDY, seed=123)       # greedy: the seed does not matter
+    alone = [backend.generate([conv], GREEDY, seed=0)[0] for conv in batch]
+    assert [c.text for c in together] == [c.text for c in again]
+    # a conversation's greedy completion does not depend on what else is in its batch (left padding is masked
+    # and does not shift positions)
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert [c.completion_tokens for c in together] == [c.completion_tokens for c in alone]
+    reordered = backend.generate([MEDIUM, SHORT, LONG], GREEDY, seed=0)
+    assert [c.text for c in reordered] == [together[2].text, together[0].text, together[1].text]
+
+
+def test_sampling_is_reproducible_for_a_seed(backend):
+    s = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=8)
+    a = backend.generate([SHORT, MEDIUM], s, seed=7)
+    b = backend.generate([SHORT, MEDIUM], s, seed=7)
+    assert [c.text for c in a] == [c.text for c in b]
+    # and the seed is used: over a few seeds, an untrained model's samples differ
+    others = {tuple(c.text for c in backend.generate([SHORT, MEDIUM], s, seed=k)) for k in range(1, 5)}
+    assert len(others | {tuple(c.text for c in a)}) > 1
+
+
+def test_generation_stops_at_an_end_of_turn_token(backend, monkeypatch):
+    import torch
+
+    enc = backend.tokenizer(backend.render(MEDIUM), return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        first = int(backend.lm(**enc).logits[0, -1].argmax())
+    # make the token the model greedily emits first an end-of-turn token: it must stop at once, with no text
+    monkeypatch.setattr(backend, "eos_ids", sorted(set(backend.eos_ids) | {first}))
+    comp = backend.generate([MEDIUM], GREEDY, seed=0)[0]
+    assert comp.finish_reason == "stop"
+    assert comp.text == ""
+    assert comp.completion_tokens == 1
+
+
+def test_prefix_cache_gives_the_same_greedy_output(tiny_model_dir, backend):
+    """Prompts sharing a long prefix (system prompt + exemplars) give the same completions with or without the
+    backend's prefix reuse."""
+    from cai.backends.local import LocalBackend
+
+    if "prefix_cache" not in inspect.signature(LocalBackend).parameters:
+        pytest.skip("this LocalBackend has no prefix cache")
+    c = make_constitution(4)
+    convs = [critique_messages(c, [{"role": "user", "content": f"Question {i}: how do tides work, {'really ' * i}?"}],
+                               f"An answer {i}.", c.principles[i % 4]) for i in range(3)]
+    plain = LocalBackend(str(tiny_model_dir), device="cpu", prefix_cache=False)
+    cached = LocalBackend(str(tiny_model_dir), device="cpu", prefix_cache=True)
+    expected = [c.text for c in plain.generate(convs, GREEDY, seed=0)]
+    for _ in range(2):   # the second call reuses the prefix computed by the first
+        assert [c.text for c in cached.generate(convs, GREEDY, seed=0)] == expected
+    # a batch of one, with the prefix already cached
+    assert cached.generate(convs[:1], GREEDY, seed=0)[0].text == expected[0]
+    if hasattr(cached, "prefix_hits"):
+        assert cached.prefix_hits > 0, "the shared prefix was never reused: this test did not test the cache"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Context length
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("short-ctx") / "tiny64", max_position_embeddings=64)
+
+
+def test_prompt_longer_than_the_context(short_context_model):
+    from cai.backends.local import LocalBackend
+
+    b = LocalBackend(str(short_context_model), device="cpu")
+    assert b.context_length == 64
+    long = [{"role": "user", "content": "please explain " * 60}]
+    with pytest.raises(ContextLengthError) as info:
+        b.generate([SHORT, long], GREEDY, seed=0)
+    assert len(info.value.issues) == 1 and "conversation 1" in info.value.issues[0].message
+    # a short one still works
+    assert b.generate([SHORT], Sampling(temperature=0, max_new_tokens=4), seed=0)[0].completion_tokens > 0
+
+
+def test_run_generate_preflight_before_the_folder_exists(short_context_model, tmp_path):
+    from cai.backends.local import LocalBackend
+
+    b = LocalBackend(str(short_context_model), device="cpu")
+    out = tmp_path / "run"
+    with pytest.raises(ContextLengthError):
+        run_generate(constitution=make_constitution(3), items=items_from(prompt_rows(2)), backend=b, out=out,
+                     sampling=GREEDY)
+    assert not out.exists()
+
+
+def test_run_generate_end_to_end(backend, tmp_path):
+    out = tmp_path / "run"
+    s = run_generate(constitution=make_constitution(3), items=items_from(prompt_rows(3)), backend=backend, out=out,
+                     rounds=1, sampling=GREEDY, batch_size=2)
+    assert s.written == 3
+    from cai.records import read_records
+
+    recs = read_records(out)
+    assert {r.provenance["backend"] for r in recs} == {"local"}
+    assert all(r.usage["completion_tokens"] > 0 for r in recs)
+    from cai.records import FLAGS
+
+    for r in recs:
+        assert set(r.flags) <= set(FLAGS)
+        assert r.final == r.rounds[0].revision
+        assert r.provenance["sampling"]["temperature"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model errors
+
+
+def test_model_without_chat_template(tiny_model_dir, tmp_path):
+    from cai.backends.local import LocalBackend
+
+    folder = copy_model_without_chat_template(tiny_model_dir, tmp_path / "no-template")
+    with pytest.raises(ModelError, match="chat template"):
+        LocalBackend(str(folder), device="cpu")
+
+
+def test_nonexistent_local_path(tmp_path, monkeypatch):
+    from cai.backends.local import LocalBackend
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="not found"):
+        LocalBackend("./nope", device="cpu")
+
+
+def test_folder_without_config(tmp_path):
+    from cai.backends.local import LocalBackend
+
+    (tmp_path / "empty-model").mkdir()
+    with pytest.raises(ModelError, match="config.json"):
+        LocalBackend(str(tmp_path / "empty-model"), device="cpu")
+
+
+def test_cli_missing_prompt_file(cli_env, tmp_path, capsys):
+    rc = main(["generate", "--backend", "fake", "--prompts", str(tmp_path / "missing.jsonl"),
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "missing.jsonl" in err and "not found" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_missing_model(cli_env, tmp_path, capsys, prompt_file):
+    prompts = prompt_file(prompt_rows(2))
+    assert not (cli_env / "does-not-exist").exists()
+    rc = main(["generate", "--model", "./does-not-exist", "--prompts", str(prompts), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "does-not-exist" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_local_generate_on_the_tiny_model(cli_env, tiny_model_dir, tmp_path, capsys, prompt_file):
+    prompts = prompt_file(prompt_rows(3))
+    out = tmp_path / "run"
+    rc = main(["generate", "--model", str(tiny_model_dir), "--device", "cpu", "--prompts", str(prompts),
+               "--out", str(out), "--max-new-tokens", "4", "--temperature", "0", "--batch-size", "2"])
+    assert rc == 0, capsys.readouterr().err
+    assert len((out / "records.jsonl").read_text().splitlines()) == 3
