@@ -111,6 +111,28 @@ def test_prefix_cache_gives_the_same_greedy_output(tiny_model_dir, backend):
         assert cached.prefix_hits > 0, "the shared prefix was never reused: this test did not test the cache"
 
 
+def test_shared_prefix_attention_matches_the_copied_prefix(tiny_model_dir):
+    """The two ways of reusing the prefix (one shared copy read by a custom attention, or a copy per row) and no
+    reuse at all decode the same greedy tokens, in prefill (rows of different lengths) and over many decode steps."""
+    from cai.backends.local import LocalBackend
+
+    c = make_constitution(4)
+    convs = [critique_messages(c, [{"role": "user", "content": f"Tell me about tides {'and moons ' * (3 * i)}now."}],
+                               f"An answer {'with more words ' * i}.", c.principles[i % 4]) for i in range(4)]
+    long = Sampling(temperature=0.0, max_new_tokens=24)
+    plain = LocalBackend(str(tiny_model_dir), device="cpu", prefix_cache=False)
+    shared = LocalBackend(str(tiny_model_dir), device="cpu", prefix_cache=True)
+    copied = LocalBackend(str(tiny_model_dir), device="cpu", prefix_cache=True)
+    copied.shared_prefix = False
+    assert shared.shared_prefix, "the tiny Llama runs on SDPA, so the shared-prefix attention must be in use"
+    expected = plain.generate(convs, long, seed=0)
+    for backend in (shared, copied):
+        got = backend.generate(convs, long, seed=0)
+        assert [g.text for g in got] == [e.text for e in expected]
+        assert [g.completion_tokens for g in got] == [e.completion_tokens for e in expected]
+        assert backend.prefix_hits == len(convs)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Context length
 
@@ -218,3 +240,50 @@ def test_cli_local_generate_on_the_tiny_model(cli_env, tiny_model_dir, tmp_path,
                "--out", str(out), "--max-new-tokens", "4", "--temperature", "0", "--batch-size", "2"])
     assert rc == 0, capsys.readouterr().err
     assert len((out / "records.jsonl").read_text().splitlines()) == 3
+
+
+def test_shared_prefix_attention_logits_equal_full_attention(tiny_model_dir):
+    """Logit-level check of prefix_attention.py: rows of different lengths after a shared prefix, through the
+    prefill and two decode steps, give the logits of plain attention over the whole sequence (to float tolerance)."""
+    import torch
+    from transformers import DynamicCache
+
+    from cai.backends.local import LocalBackend
+    from cai.backends.prefix_attention import SuffixCache
+
+    backend = LocalBackend(str(tiny_model_dir), device="cpu", prefix_cache=True)
+    assert backend.shared_prefix
+    lm, pad = backend.lm, backend.tokenizer.pad_token_id
+    torch.manual_seed(0)
+    vocab = lm.config.vocab_size
+    prefix = torch.randint(5, vocab, (1, 40))
+    suffixes = [torch.randint(5, vocab, (n,)).tolist() for n in (3, 9, 6)]
+    width = max(map(len, suffixes))
+    ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in suffixes])
+
+    with torch.inference_mode():
+        prefix_cache = DynamicCache(config=lm.config)
+        lm(input_ids=prefix, past_key_values=prefix_cache, use_cache=True)
+        cache = SuffixCache(lm.config, prefix_cache)
+        positions = 40 + (mask.cumsum(-1) - 1).clamp(min=0)
+        shared = lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1]
+
+        full_ids = torch.cat([prefix.expand(3, -1), ids], 1)
+        full_mask = torch.cat([torch.ones(3, 40, dtype=torch.long), mask], 1)
+        full_pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        ref_cache = DynamicCache(config=lm.config)
+        ref = lm(input_ids=full_ids, attention_mask=full_mask, position_ids=full_pos,
+                 past_key_values=ref_cache).logits[:, -1]
+        torch.testing.assert_close(shared, ref, atol=1e-4, rtol=1e-4)
+
+        for _ in range(2):   # decode steps: one query per row, the path that reads the prefix once for all rows
+            step = ref.argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+            full_mask = torch.cat([full_mask, torch.ones(3, 1, dtype=torch.long)], 1)
+            positions = positions[:, -1:] + 1
+            full_pos = full_pos[:, -1:] + 1
+            shared = lm(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1]
+            ref = lm(input_ids=step, attention_mask=full_mask, position_ids=full_pos,
+                     past_key_values=ref_cache).logits[:, -1]
+            torch.testing.assert_close(shared, ref, atol=1e-4, rtol=1e-4)

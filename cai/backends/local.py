@@ -62,8 +62,23 @@ class LocalBackend:
         cfg = self.lm.config
         self.context_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self.prefix_cache = prefix_cache
+        self.shared_prefix = prefix_cache and self._use_shared_prefix_attention()
         self._prefixes: OrderedDict[tuple[int, ...], object] = OrderedDict()   # token ids -> DynamicCache (batch 1)
         self.prefix_hits = 0      # rows that reused a cached prefix (for tests and benchmarks)
+
+    def _use_shared_prefix_attention(self) -> bool:
+        """Switch the model to shared-prefix attention (see prefix_attention.py) where it runs on SDPA; other
+        attention kernels keep a per-row copy of the prefix instead."""
+        if getattr(self.lm.config, "_attn_implementation", None) != "sdpa":
+            return False
+        try:
+            from cai.backends.prefix_attention import register
+
+            self.lm.set_attn_implementation(register())
+            return True
+        except Exception as e:   # an architecture that refuses custom attention: the copy path still works
+            log.info("shared-prefix attention unavailable for %s (%s); copying the prefix per row", self.model, e)
+            return False
 
     def _eos_ids(self) -> list[int]:
         ids: set[int] = set()
@@ -102,15 +117,27 @@ class LocalBackend:
         p = len(prefix)
         pad = self.tokenizer.pad_token_id
         width = max(lengths) - p
-        # [shared prefix][left padding][row suffix]
-        input_ids = torch.tensor([list(prefix) + [pad] * (width - (n - p)) + x[p:] for x, n in zip(ids, lengths)],
-                                 device=self.device)
-        mask = torch.tensor([[1] * p + [0] * (width - (n - p)) + [1] * (n - p) for n in lengths], device=self.device)
-        extra = {}
+        extra: dict = {}
+        if cache is not None and self.shared_prefix:
+            # only the rows' suffixes go in; the prefix lives once in the cache, positions continue after it
+            from cai.backends.prefix_attention import SuffixCache
+
+            input_ids = torch.tensor([[pad] * (width - (n - p)) + x[p:] for x, n in zip(ids, lengths)],
+                                     device=self.device)
+            mask = torch.tensor([[0] * (width - (n - p)) + [1] * (n - p) for n in lengths], device=self.device)
+            extra["position_ids"] = p + (mask.cumsum(-1) - 1).clamp(min=0)
+            extra["past_key_values"] = SuffixCache(self.lm.config, cache)
+        else:
+            # [shared prefix][left padding][row suffix], the prefix's cache copied into every row
+            input_ids = torch.tensor([list(prefix) + [pad] * (width - (n - p)) + x[p:]
+                                      for x, n in zip(ids, lengths)], device=self.device)
+            mask = torch.tensor([[1] * p + [0] * (width - (n - p)) + [1] * (n - p) for n in lengths],
+                                device=self.device)
+            if cache is not None:
+                rows = copy.deepcopy(cache)
+                rows.batch_repeat_interleave(len(batch))
+                extra["past_key_values"] = rows
         if cache is not None:
-            rows = copy.deepcopy(cache)
-            rows.batch_repeat_interleave(len(batch))
-            extra["past_key_values"] = rows
             self.prefix_hits += len(batch)
         torch.manual_seed(seed)
         do_sample = sampling.temperature > 0
