@@ -20,7 +20,7 @@ EXIT_INTERRUPTED = 130
 
 # The main job's defaults: small enough to finish in a few minutes on a 2-core CPU with the default model.
 DEMO = {"prompts": "data/prompts/red_team.jsonl", "constitution": "constitution/default.yaml", "out": "runs/demo",
-        "limit": 16, "rounds": 1, "batch_size": 8, "max_new_tokens": 96}
+        "limit": 16, "rounds": 1, "batch_size": 16, "max_new_tokens": 128}
 
 
 def _console(stderr: bool = False):

@@ -287,3 +287,44 @@ def test_shared_prefix_attention_logits_equal_full_attention(tiny_model_dir):
             ref = lm(input_ids=step, attention_mask=full_mask, position_ids=full_pos,
                      past_key_values=ref_cache).logits[:, -1]
             torch.testing.assert_close(shared, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1024, 3])   # k=3: the nucleus is not inside the top k, the full-sort fallback runs
+def test_top_p_sampler_draws_from_the_nucleus_distribution(k):
+    """The sampler's empirical frequencies match temperature + top-p computed by hand."""
+    import torch
+
+    from cai.backends.local import TopPSampler
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -6.0]])
+    temperature, top_p = 0.8, 0.9
+    probs = torch.softmax(logits[0] / temperature, -1)
+    order = probs.argsort(descending=True)
+    before = probs[order].cumsum(0) - probs[order]
+    nucleus = order[before < top_p]                    # the smallest top set whose mass reaches top_p
+    expected = torch.zeros_like(probs)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+
+    sampler = TopPSampler(temperature, top_p, seed=0, k=k)
+    draws = 6000
+    counts = torch.zeros_like(probs)
+    for _ in range(draws):
+        out = sampler(None, logits.clone())
+        assert torch.isfinite(out).sum() == 1          # exactly one candidate left: the drawn token
+        counts[out[0].argmax()] += 1
+    freq = counts / draws
+    assert set(freq.nonzero().flatten().tolist()) <= set(nucleus.tolist())   # never outside the nucleus
+    assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
+
+
+def test_top_p_sampler_is_seeded():
+    import torch
+
+    from cai.backends.local import TopPSampler
+
+    logits = torch.randn(4, 500)
+    a = [TopPSampler(1.0, 0.95, seed=7)(None, logits).argmax(-1).tolist() for _ in range(2)]
+    assert a[0] == a[1]                                      # same seed, same draws
+    s = TopPSampler(1.0, 0.95, seed=7)
+    runs = [s(None, logits).argmax(-1).tolist() for _ in range(5)]
+    assert len({tuple(r) for r in runs}) > 1                 # but successive steps draw afresh

@@ -16,12 +16,49 @@ import copy
 import logging
 from collections import OrderedDict
 
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
 from cai.backends.base import Completion, Sampling
 from cai.errors import ContextLengthError, Issue, ModelError
 from cai.models import resolve_model
 from cai.prompts import Message
 
 log = logging.getLogger(__name__)
+
+
+class TopPSampler(LogitsProcessor):
+    """Temperature + nucleus (top-p) sampling that draws the token itself and leaves it as the only candidate.
+
+    transformers' top-p sorts the whole vocabulary and samples over it at every step: on the default model (49k
+    tokens) that is ~38 ms of a ~110 ms decode step for 16 rows on a CPU. The nucleus almost always lies within the
+    top ``k`` tokens, so this takes ``topk`` and samples among those; a row whose top ``k`` hold less than ``top_p``
+    of the mass falls back to the full sort. The distribution sampled is exactly top-p's.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int, k: int = 1024):
+        self.temperature, self.top_p, self.k = temperature, top_p, k
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature
+        k = min(self.k, logits.shape[-1])
+        top, idx = logits.topk(k, dim=-1)                          # descending
+        probs = (top - torch.logsumexp(logits, -1, keepdim=True)).exp()
+        short = probs.sum(-1) < self.top_p                          # nucleus not inside the top k (rare)
+        if short.any():
+            full, full_idx = logits[short].sort(dim=-1, descending=True)
+            pad = logits.shape[-1] - k
+            top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], -1)
+            idx = torch.cat([idx, torch.zeros((idx.shape[0], pad), dtype=idx.dtype, device=idx.device)], -1)
+            top[short], idx[short] = full, full_idx
+            probs = (top - torch.logsumexp(logits, -1, keepdim=True)).exp()
+        before = probs.cumsum(-1) - probs                           # mass of the tokens ranked above each one
+        probs = probs.masked_fill(before >= self.top_p, 0.0)        # smallest set whose mass reaches top_p
+        pick = torch.multinomial(probs.cpu(), 1, generator=self.generator).to(idx.device)
+        chosen = idx.gather(-1, pick)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, chosen, 0.0)
 
 
 class LocalBackend:
@@ -32,7 +69,6 @@ class LocalBackend:
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
                  prefix_cache: bool = True):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         resolved = resolve_model(model)
@@ -99,8 +135,6 @@ class LocalBackend:
         return len(self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"])
 
     def generate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
-        import torch
-
         if not batch:
             return []
         texts = [self.render(m) for m in batch]
@@ -139,16 +173,17 @@ class LocalBackend:
                 extra["past_key_values"] = rows
         if cache is not None:
             self.prefix_hits += len(batch)
-        torch.manual_seed(seed)
-        do_sample = sampling.temperature > 0
+        if sampling.temperature > 0:
+            # sampling is done by our processor (the token it draws is the only one left), decoding stays "greedy"
+            extra["logits_processor"] = LogitsProcessorList([TopPSampler(sampling.temperature, sampling.top_p, seed)])
         with torch.inference_mode():
             out = self.lm.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
                 max_new_tokens=sampling.max_new_tokens,
-                do_sample=do_sample,
-                temperature=sampling.temperature if do_sample else None,
-                top_p=sampling.top_p if do_sample else None,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
                 top_k=None,
                 eos_token_id=self.eos_ids,
                 pad_token_id=pad,
@@ -181,7 +216,6 @@ class LocalBackend:
         return key, self._prefixes[key]
 
     def _prefill(self, tokens: tuple[int, ...]):
-        import torch
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.lm.config)
