@@ -157,6 +157,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     items = prompts.items[: args.limit] if args.limit else prompts.items
 
     t_load = time.perf_counter()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # our own status line covers loading; one progress display at a time
     with err.status(f"loading model {args.model} ..."):
         backend = make_backend(args.backend, args.model, device=args.device)
     err.print(f"model {backend.model} ({args.backend}) loaded in {time.perf_counter() - t_load:.1f}s; "
