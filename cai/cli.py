@@ -133,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cai.backends import make_backend
     from cai.backends.base import Sampling
     from cai.constitution import load_constitution
-    from cai.generate import check_run_folder, run_generate
+    from cai.generate import run_generate
     from cai.prompt_sets import load_prompts
 
     err = _console(stderr=True)
@@ -164,7 +164,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         backend = make_backend(args.backend, args.model, device=args.device)
     err.print(f"model {backend.model} ({args.backend}) loaded in {time.perf_counter() - t_load:.1f}s; "
               f"{len(items)} prompts from {prompts.source}, constitution {constitution.name} v{constitution.version}")
-    check_run_folder(args.out, constitution, backend, args.supersede)   # fail fast, before any generation
 
     progress, bar = _progress_bar(err)
     try:

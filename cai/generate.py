@@ -54,8 +54,10 @@ class Progress:
     stage: Callable[[StageEvent], None] = lambda event: None
 
 
-def check_run_folder(out: Path, constitution: Constitution, backend: Backend, supersede_all: bool) -> dict | None:
-    """Read-only check that ``out`` may take this run's records. Returns the folder's run.json, if any."""
+def check_run_folder(out: Path, constitution: Constitution, backend: Backend,
+                     supersede_all: bool) -> tuple[dict | None, bool]:
+    """Read-only check that ``out`` may take this run's records. Returns the folder's run.json (if any) and whether
+    it was made with another constitution or model (allowed only with ``supersede_all``)."""
     run_file = out / RUN_FILE
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {display_path(out)} exists and is not a folder")
@@ -63,7 +65,7 @@ def check_run_folder(out: Path, constitution: Constitution, backend: Backend, su
         if (out / "records.jsonl").exists():
             raise RunFolderError(f"{display_path(out)} has records.jsonl but no {RUN_FILE}; not a cai run folder?",
                                  hint="Choose another --out folder.")
-        return None
+        return None, False
     try:
         info = json.loads(run_file.read_text(encoding="utf-8"))
         old_c, old_model = info["constitution"], info["model"]
@@ -81,7 +83,7 @@ def check_run_folder(out: Path, constitution: Constitution, backend: Backend, su
             f"{display_path(out)} holds records made with " + " and ".join(problems),
             hint="Choose another --out folder for this run, or pass --supersede to move the existing records to "
                  f"{display_path(out / 'superseded.jsonl')} and generate afresh here.")
-    return info
+    return info, bool(problems)
 
 
 def run_generate(*, constitution: Constitution, items: list[PromptItem], backend: Backend, out: str | Path,
@@ -100,14 +102,12 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
             list(long_issues.values())[:20],
             hint="Lower --max-new-tokens, use a model with a longer context, or pass --skip-long to leave these "
                  "prompts out (they are listed in errors.jsonl).")
-    info = check_run_folder(out, constitution, backend, supersede_all)
+    info, identity_changed = check_run_folder(out, constitution, backend, supersede_all)
 
     summary = Summary(planned=len(plans), out=str(out))
     t0 = time.perf_counter()
     with open_store(out) as store:
         summary.torn_bytes = store.torn_bytes
-        identity_changed = info is not None and (info["constitution"].get("name") != constitution.name
-                                                 or info["model"] != backend.model)
         if identity_changed:
             summary.superseded += store.supersede(set(store.records))
         long_ids = set(long_issues)

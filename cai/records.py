@@ -98,9 +98,6 @@ class OpenStore:
     def records_path(self) -> Path:
         return self.root / "records.jsonl"
 
-    def by_prompt(self) -> dict[str, dict]:
-        return {r["prompt_id"]: r for r in self.records.values()}
-
     def append(self, records: list[dict]) -> int:
         """Append records whose id is new, as one write, then fsync. Returns how many were written."""
         fresh = [r for r in records if r["id"] not in self.records]

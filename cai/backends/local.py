@@ -43,8 +43,9 @@ class TopPSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = scores.float() / self.temperature
         k = min(self.k, logits.shape[-1])
+        lse = torch.logsumexp(logits, -1, keepdim=True)
         top, idx = logits.topk(k, dim=-1)                          # descending
-        probs = (top - torch.logsumexp(logits, -1, keepdim=True)).exp()
+        probs = (top - lse).exp()
         short = probs.sum(-1) < self.top_p                          # nucleus not inside the top k (rare)
         if short.any():
             full, full_idx = logits[short].sort(dim=-1, descending=True)
@@ -52,7 +53,7 @@ class TopPSampler(LogitsProcessor):
             top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], -1)
             idx = torch.cat([idx, torch.zeros((idx.shape[0], pad), dtype=idx.dtype, device=idx.device)], -1)
             top[short], idx[short] = full, full_idx
-            probs = (top - torch.logsumexp(logits, -1, keepdim=True)).exp()
+            probs = (top - lse).exp()
         before = probs.cumsum(-1) - probs                           # mass of the tokens ranked above each one
         probs = probs.masked_fill(before >= self.top_p, 0.0)        # smallest set whose mass reaches top_p
         pick = torch.multinomial(probs.cpu(), 1, generator=self.generator).to(idx.device)
