@@ -20,7 +20,9 @@ EXIT_INTERRUPTED = 130
 
 # The main job's defaults: small enough to finish in a few minutes on a 2-core CPU with the default model.
 DEMO = {"prompts": "data/prompts/red_team.jsonl", "constitution": "constitution/default.yaml", "out": "runs/demo",
-        "limit": 16, "rounds": 1, "batch_size": 16, "max_new_tokens": 128}
+        "limit": 16, "rounds": 1, "batch_size": 16, "max_new_tokens": 128,
+        # SmolLM2-135M rambles to the token limit: the demo trains on truncated texts on purpose (the card says so)
+        "helpful_mix": 0.25, "allow_flags": ["truncated"], "train_steps": 8}
 
 
 def _console(stderr: bool = False):
@@ -55,10 +57,54 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_args(p, demo=False)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the main job on the default offline model, with small defaults")
+    p = sub.add_parser("demo", help="the main job on the default offline model: generate → data build → train sft")
     _generate_args(p, demo=True)
-    p.set_defaults(func=cmd_generate)
+    p.add_argument("--train-steps", type=int, default=DEMO["train_steps"],
+                   help="QLoRA SFT steps after generating (0: generate only; default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("data", help="training data from a run's records")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    b = dsub.add_parser("build", help="records → data/{sft,dpo}_{train,test}.jsonl and a dataset card")
+    _data_args(b)
+    b.set_defaults(func=cmd_data_build)
+
+    p = sub.add_parser("train", help="QLoRA fine-tuning with TRL: sft, then dpo",
+                       description="Any TRL ModelConfig / SFTConfig / DPOConfig setting can follow as --name value "
+                                   "(see --help-config); it overrides the recipe and --config.")
+    p.add_argument("stage", choices=["sft", "dpo"])
+    p.add_argument("run", type=Path, nargs="?", help="the run folder (after `cai data build`)")
+    p.add_argument("--config", type=Path, help="a YAML recipe; its values override the shipped one "
+                                               "(cai/recipes/<stage>.yaml)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move a finished or unfinished adapter folder aside and train again")
+    p.add_argument("--help-config", action="store_true", help="list every training setting and exit")
+    p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("merge", help="adapter + base → a plain safetensors model folder")
+    p.add_argument("adapter", type=Path, help="an adapter folder, e.g. runs/demo/adapters/dpo")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the model folder to write")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype (auto: the base model's; default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
+    p.set_defaults(func=cmd_merge)
     return parser
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="the run folder `cai generate` wrote")
+    p.add_argument("--helpful-mix", type=float, default=0.0,
+                   help="fraction of SFT rows that are ordinary prompts answered by the same model, in [0, 1) "
+                        "(default: %(default)s)")
+    p.add_argument("--helpful-prompts", default="data/prompts/helpful.jsonl",
+                   help="the ordinary prompts for --helpful-mix (default: %(default)s)")
+    p.add_argument("--test-size", type=float, default=0.1, help="fraction of prompts held out (default: %(default)s)")
+    p.add_argument("--all-rounds", action="store_true",
+                   help="an SFT row for every round's revision, as the paper trained (default: the final one)")
+    p.add_argument("--allow-flag", action="append", default=[], metavar="FLAG",
+                   help="keep texts with this flag (empty, echo, truncated, unchanged); repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split and the helpful prompts' order")
+    p.add_argument("--device", help="torch device for answering the helpful prompts (default: cuda if available)")
 
 
 def _generate_args(p: argparse.ArgumentParser, demo: bool) -> None:
@@ -170,7 +216,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with bar:
             summary = run_generate(constitution=constitution, items=items, backend=backend, out=args.out,
                                    rounds=args.rounds, sampling=sampling, batch_size=args.batch_size,
-                                   skip_long=args.skip_long, supersede_all=args.supersede, progress=progress)
+                                   skip_long=args.skip_long, supersede_all=args.supersede, progress=progress,
+                                   model_source=args.model if args.backend == "local" else None,
+                                   constitution_path=args.constitution)
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/]: finished batches are saved in {display_path(args.out)}; "
                   "run the same command again to continue")
@@ -179,7 +227,174 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar(console):
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: generate, then build the data and run a short QLoRA SFT (unless --train-steps 0)."""
+    rc = cmd_generate(args)
+    if rc != 0 or args.train_steps <= 0:
+        return rc
+    data = argparse.Namespace(run=args.out, helpful_mix=DEMO["helpful_mix"], helpful_prompts=
+                              "data/prompts/helpful.jsonl", test_size=0.1, all_rounds=False,
+                              allow_flag=list(DEMO["allow_flags"]), seed=args.seed, device=args.device)
+    cmd_data_build(data)
+    flags = ["--max_steps", str(args.train_steps), "--save_steps", str(max(1, args.train_steps // 2)),
+             "--gradient_accumulation_steps", "1", "--max_length", "512"]
+    train = argparse.Namespace(stage="sft", run=args.out, config=None, overwrite=False, help_config=False,
+                               extra=flags)
+    rc = cmd_train(train)
+    if rc == 0:
+        _console().print(f"next: [bold]cai train dpo {display_path(args.out)}[/], "
+                         f"[bold]cai merge {display_path(args.out / 'adapters' / 'sft')} -o merged/[/]")
+    return rc
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from cai.datasets import BuildOptions, build_datasets, helpful_from_run, read_run
+
+    err = _console(stderr=True)
+    opts = BuildOptions(helpful_mix=args.helpful_mix, test_size=args.test_size, all_rounds=args.all_rounds,
+                        allow_flags=tuple(args.allow_flag), seed=args.seed, helpful_prompts=args.helpful_prompts)
+    opts.check()
+    source = None
+    if opts.helpful_mix > 0:
+        info, _ = read_run(args.run)
+
+        def make(kind: str, model: str):
+            from cai.backends import make_backend
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            with err.status(f"loading model {model} to answer the helpfulness prompts ..."):
+                return make_backend(kind, model, device=args.device)
+
+        progress, bar = _progress_bar(err, "helpful answers")
+        with bar:
+            source = helpful_from_run(args.run, info, args.helpful_prompts, args.seed, make, progress=progress)
+            card = build_datasets(args.run, opts, source)
+    else:
+        card = build_datasets(args.run, opts)
+    _print_card(card)
+    return 0
+
+
+def _print_card(card) -> None:
+    t = _table(f"cai data build → {display_path(Path(card.run) / 'data')}")
+    t.add_row("records", str(card.records))
+    for name, n in card.counts.items():
+        t.add_row(name, f"{n} rows")
+    if card.helpful:
+        h = card.helpful
+        t.add_row("helpfulness mix", f"{h['used']} rows, ratio {h['ratio']} (asked {h['requested_ratio']}; "
+                                     f"{h['excluded_flagged']} flagged answers left out)")
+    if card.excluded:
+        t.add_row("left out", ", ".join(f"{k} {v}" for k, v in sorted(card.excluded.items())))
+    dups = sum(card.duplicates.values())
+    if dups:
+        t.add_row("duplicates dropped", str(dups))
+    t.add_row("prompts held out", f"{card.prompts.get('test', 0)} of {card.prompts.get('total', 0)}")
+    t.add_row("dataset sha256", card.sha256)
+    _console().print(t)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cai.train import TrainProgress, config_help, parse_config, train
+
+    if args.help_config:
+        _console().print(config_help(args.stage), markup=False, highlight=False)
+        return 0
+    if args.run is None:
+        raise CaiError(f"cai train {args.stage}: the run folder is missing",
+                       hint=f"cai train {args.stage} runs/demo [--config FILE] [--name value ...]")
+    err = _console(stderr=True)
+    setup = parse_config(args.stage, args.run, args.config, args.extra)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    bar, progress = _train_bar(err, args.stage)
+    try:
+        with bar:
+            manifest = train(setup, overwrite=args.overwrite, progress=progress)
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/]: checkpoints are in {display_path(setup.out / 'checkpoints')}; run the "
+                  "same command again to resume from the newest")
+        return EXIT_INTERRUPTED
+    out = display_path(setup.out)
+    if manifest.get("already_done"):
+        _console().print(f"{out} is already trained ({manifest['steps']} steps); --overwrite trains it again")
+        return 0
+    m = manifest["metrics"]
+    t = _table(f"cai train {args.stage} → {out}")
+    t.add_row("base model", f"{manifest['base_model']['id']} "
+                            f"({'4-bit NF4 + LoRA' if manifest['quantization']['load_in_4bit'] else 'LoRA'})")
+    t.add_row("steps", f"{manifest['steps']}" + (f" (resumed from step {manifest['resumed_from_step']})"
+                                                 if manifest["resumed_from_step"] else ""))
+    if "train_loss" in m:
+        t.add_row("train loss (mean)", f"{m['train_loss']:.4f}")
+    if "eval_loss" in m:
+        t.add_row("eval loss", f"{m['eval_loss']:.4f}")
+    t.add_row("time", f"{manifest['seconds_this_run']:.1f}s")
+    t.add_row("manifest", f"{out}/manifest.json, loss curve {out}/loss.png")
+    _console().print(t)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from cai.train import merge_adapter
+
+    err = _console(stderr=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with err.status("merging ...") as status:
+        from cai.train import TrainProgress
+
+        summary = merge_adapter(args.adapter, args.output, dtype=args.dtype, force=args.force,
+                                progress=TrainProgress(status=lambda text: status.update(text)))
+    _console().print(f"merged {display_path(args.adapter)} into {summary['base_model']} → "
+                     f"{display_path(args.output)} ({summary['dtype']}"
+                     + (", dequantized from 4-bit" if summary["dequantized_from_4bit"] else "") + ")")
+    return 0
+
+
+def _table(title: str):
+    from rich.table import Table
+
+    return Table(title=title, show_header=False, title_justify="left")
+
+
+def _train_bar(console, stage: str):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    from cai.train import TrainProgress
+
+    bar = RichProgress(TextColumn(f"[bold]{stage} steps"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                       TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    state: dict = {"task": None, "t0": 0.0, "first": 0, "tokens0": None}
+
+    def start(total: int, first: int) -> None:
+        state.update(t0=time.perf_counter(), first=first)
+        state["task"] = bar.add_task(stage, total=total, completed=first, loss="", rate="")
+
+    def step(n: int, logs: dict) -> None:
+        loss = f"loss {logs['loss']:.3f}" if isinstance(logs.get("loss"), (int, float)) else ""
+        rate = ""
+        if isinstance(logs.get("num_tokens"), (int, float)):
+            if state["tokens0"] is None:
+                state["tokens0"] = (logs["num_tokens"], time.perf_counter())
+            else:
+                dt = time.perf_counter() - state["tokens0"][1]
+                rate = f"{(logs['num_tokens'] - state['tokens0'][0]) / max(dt, 1e-9):,.0f} tok/s" if dt > 0 else ""
+        bar.update(state["task"], completed=n, loss=loss, rate=rate)
+
+    def status(text: str) -> None:
+        console.print(f"[dim]{text}[/]")
+
+    return bar, TrainProgress(start=start, step=step, status=status)
+
+
+def _progress_bar(console, label: str = "records"):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
@@ -194,7 +409,7 @@ def _progress_bar(console):
     def start(total_stage_items: int, stages_per_record: int) -> None:
         state["stages"] = stages_per_record
         state["t0"] = time.perf_counter()
-        state["task"] = bar.add_task("records", total=total_stage_items // stages_per_record, stage="",
+        state["task"] = bar.add_task(label, total=total_stage_items // stages_per_record, stage="",
                                      rate="")
 
     def stage(event) -> None:
@@ -208,9 +423,7 @@ def _progress_bar(console):
 
 
 def _print_summary(s, bad_rows) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"cai generate → {s.out}", show_header=False, title_justify="left")
+    t = _table(f"cai generate → {s.out}")
     t.add_row("records written", str(s.written))
     flags = ", ".join(f"{k} {v}" for k, v in sorted(s.flag_counts.items()))
     t.add_row("flagged", f"{s.flagged}" + (f" ({flags})" if flags else ""))
@@ -241,7 +454,10 @@ def _print_error(e: CaiError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "extra_ok", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cai.errors import ConstitutionError, Issue, display_path
+from cai.errors import CaiError, ConstitutionError, Issue, display_path
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -126,7 +126,7 @@ def load_constitution(path: str | Path) -> Constitution:
 
 
 def parse_constitution(text: str, source: str = "<string>") -> Constitution:
-    data, lines = _yaml_with_lines(text, source)
+    data, lines = yaml_with_lines(text, source)
     if not isinstance(data, dict):
         raise ConstitutionError(
             f"invalid constitution {source}",
@@ -206,8 +206,11 @@ def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
     return None
 
 
-def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
-    """Parse YAML into plain Python, recording the 1-based line of every key and item by its path."""
+def yaml_with_lines(text: str, source: str, error: type[CaiError] = ConstitutionError,
+                    what: str = "constitution") -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML into plain Python, recording the 1-based line of every key and item by its path. Problems raise
+    ``error`` (``invalid <what> <source>``) with the line of each."""
+    title = f"invalid {what} {source}"
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -219,11 +222,11 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
         if e.context and e.context_mark and mark is not e.context_mark and e.context_mark.line + 1 != line:
             # e.g. an unclosed quote is only noticed at the end of the file: say where it started
             problem += f" ({e.context} started on line {e.context_mark.line + 1})"
-        raise ConstitutionError(f"invalid constitution {source}", [Issue(f"malformed YAML: {problem}", source, line)]) from None
+        raise error(title, [Issue(f"malformed YAML: {problem}", source, line)]) from None
     except yaml.YAMLError as e:
-        raise ConstitutionError(f"invalid constitution {source}", [Issue(f"malformed YAML: {e}", source)]) from None
+        raise error(title, [Issue(f"malformed YAML: {e}", source)]) from None
     if node is None:
-        raise ConstitutionError(f"invalid constitution {source}", [Issue("the file is empty", source)])
+        raise error(title, [Issue("the file is empty", source)])
     lines: dict[tuple, int] = {}
     constructor = yaml.SafeLoader("")
     issues: list[Issue] = []
@@ -249,9 +252,9 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     try:
         data = convert(node, ())
     except yaml.YAMLError as e:
-        raise ConstitutionError(f"invalid constitution {source}", [Issue(f"malformed YAML: {e}", source)]) from None
+        raise error(title, [Issue(f"malformed YAML: {e}", source)]) from None
     if issues:
-        raise ConstitutionError(f"invalid constitution {source}", issues)
+        raise error(title, issues)
     return data, lines
 
 

@@ -66,3 +66,15 @@ def display_path(path: str | Path) -> str:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(p)
+
+
+class DataError(CaiError):
+    """Records that cannot become training data (none, all flagged, nothing left after filtering)."""
+
+
+class ConfigError(CaiError):
+    """A training config (YAML recipe or flag) that names an unknown key or a value out of range."""
+
+
+class TrainingError(CaiError):
+    """Training that cannot start (no chat template, no SFT adapter) or had to stop (non-finite loss, out of memory)."""

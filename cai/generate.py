@@ -88,7 +88,12 @@ def check_run_folder(out: Path, constitution: Constitution, backend: Backend,
 
 def run_generate(*, constitution: Constitution, items: list[PromptItem], backend: Backend, out: str | Path,
                  rounds: int = 1, sampling=None, batch_size: int = 16, skip_long: bool = False,
-                 supersede_all: bool = False, progress: Progress | None = None) -> Summary:
+                 supersede_all: bool = False, progress: Progress | None = None,
+                 model_source: str | None = None, constitution_path: str | Path | None = None) -> Summary:
+    """``model_source`` is the model as the user named it (``default``, a folder, a hub id): later commands (``cai
+    data build``, ``cai train``) load the same model from it; ``constitution_path`` is kept for the same reason.
+    ``rounds=0`` answers the prompts only (helpfulness
+    data)."""
     out = Path(out)
     progress = progress or Progress()
     if batch_size < 1:
@@ -114,7 +119,7 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
         wanted = {p.item.id: p.key for p in plans if p.item.id not in long_ids}
         stale = {rid for rid, r in store.records.items() if r["prompt_id"] in wanted and wanted[r["prompt_id"]] != rid}
         summary.superseded += store.supersede(stale)
-        _write_run_file(out, info, constitution, backend, gen)
+        _write_run_file(out, info, constitution, backend, gen, model_source, constitution_path)
         for prompt_id, issue in long_issues.items():
             store.append_error({"prompt_id": prompt_id, "stage": "preflight", "reason": "context_length",
                                 "message": str(issue), "at": _now()})
@@ -150,10 +155,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_run_file(out: Path, info: dict | None, c: Constitution, backend: Backend, gen: Generator) -> None:
+def _write_run_file(out: Path, info: dict | None, c: Constitution, backend: Backend, gen: Generator,
+                    model_source: str | None, constitution_path: str | Path | None) -> None:
     run = {
-        "constitution": {"name": c.name, "version": c.version, "sha256": c.sha256},
+        "constitution": {"name": c.name, "version": c.version, "sha256": c.sha256,
+                         "path": str(Path(constitution_path).resolve()) if constitution_path
+                         else (info or {}).get("constitution", {}).get("path")},
         "model": backend.model,
+        "model_source": model_source or (info or {}).get("model_source"),
         "model_revision": backend.model_revision,
         "backend": backend.name,
         "rounds": gen.rounds,

@@ -125,8 +125,8 @@ def check_output(completion: Completion, sources: list[str], previous: str | Non
 class Generator:
     def __init__(self, constitution: Constitution, backend: Backend, *, rounds: int = 1,
                  sampling: Sampling | None = None):
-        if rounds < 1:
-            raise ValueError(f"rounds must be at least 1, got {rounds}")
+        if rounds < 0:
+            raise ValueError(f"rounds must be at least 0, got {rounds}")
         self.constitution = constitution
         self.backend = backend
         self.rounds = rounds
@@ -153,10 +153,10 @@ class Generator:
             sizes[plan.item.id] = own
             if not ctx:
                 continue
-            frame = max(self.backend.count_tokens(revise_messages(
+            frame = max((self.backend.count_tokens(revise_messages(
                 self.constitution, plan.item.messages, "", self.constitution.principle(p), ""))
-                for p in set(plan.principles))
-            need = frame + 3 * m
+                for p in set(plan.principles)), default=own)
+            need = frame + (3 * m if plan.principles else m)
             if own + m > ctx or need > ctx:
                 file, _, line = plan.item.source.rpartition(":")
                 issues[plan.item.id] = Issue(
