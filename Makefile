@@ -30,6 +30,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

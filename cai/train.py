@@ -218,6 +218,8 @@ def check_ranges(s: TrainSetup) -> None:
         checks.append(("beta", a.beta, a.beta > 0, "> 0"))
     issues = []
     for key, value, ok, want in checks:
+        if value is None and ok:        # e.g. max_length None: no truncation
+            continue
         if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
             where = s.sources.get(key)
             file, _, line = (where or "").rpartition(":")
@@ -324,6 +326,8 @@ def load_model(path: str, revision: str | None, model_args, device: str, dtype: 
     if model_args.load_in_4bit or model_args.load_in_8bit:
         m = dataclasses.replace(model_args, dtype=dtype)
         quant = get_quantization_config(m)
+    if device == "cuda":      # under `accelerate launch`, each process holds its own copy on its own GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return AutoModelForCausalLM.from_pretrained(
         path, revision=revision, dtype=getattr(torch, dtype), quantization_config=quant,
         device_map={"": device} if quant is not None else None,

@@ -221,9 +221,19 @@ def test_each_round_revises_the_previous_revision():
     assert rev2[-2] == {"role": "assistant", "content": rec["rounds"][1]["critique"]}
 
 
-def test_generator_rejects_zero_rounds():
+def test_generator_rejects_negative_rounds():
     with pytest.raises(ValueError):
-        Generator(make_constitution(2), FakeBackend(), rounds=0)
+        Generator(make_constitution(2), FakeBackend(), rounds=-1)
+
+
+def test_zero_rounds_answers_only():
+    """rounds=0 is the helpfulness-data mode: one respond call, the answer is the final text."""
+    backend = FakeBackend()
+    gen = Generator(make_constitution(2), backend, rounds=0)
+    plans = gen.plan(items_from([{"id": "h1", "prompt": "How do tides work?"}]))
+    [rec] = gen.run_batch(plans)
+    assert rec["rounds"] == [] and rec["final"] == rec["initial"] and rec["initial"]
+    assert backend.calls == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
