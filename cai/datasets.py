@@ -21,9 +21,9 @@ sampling settings.
 an SFT row when the revision it trains on is flagged, a DPO pair when either of its answers is. The card counts what
 was left out and why.
 
-**Split by prompt**: rows are grouped by their conversation (the same prompt under two ids is one group), groups are
-ordered by a seeded hash, and the first ``test_size`` fraction goes to test. No prompt is in both splits, and the
-split of a prompt does not change when other prompts are added.
+**Split by prompt**: rows are grouped by their conversation (the same prompt under two ids is one group); a group
+goes to test when its seeded hash falls in the first ``test_size`` of the hash range (so about that fraction, not
+exactly). No prompt is in both splits, and the split of a prompt does not change when other prompts are added.
 """
 
 from __future__ import annotations
@@ -147,13 +147,19 @@ def _group(row: dict) -> str:
 
 
 def split_groups(groups: list[str], test_size: float, seed: int) -> set[str]:
-    """The groups that go to test: a seeded hash order, the first ``test_size`` fraction (at least one when
-    ``test_size`` > 0 and there are two or more; never all)."""
+    """The groups that go to test: those whose seeded hash falls below ``test_size`` of the hash range, so a prompt's
+    split depends on that prompt alone (adding prompts never moves another). When that picks none of two or more
+    groups, the lowest hash goes to test; when it picks all, the highest stays in train."""
     unique = sorted(set(groups), key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
     if test_size <= 0 or len(unique) < 2:
         return set()
-    n = min(max(1, round(test_size * len(unique))), len(unique) - 1)
-    return set(unique[:n])
+    cut = test_size * 2 ** 256
+    test = {g for g in unique if int(hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), 16) < cut}
+    if not test:
+        test = {unique[0]}
+    if len(test) == len(unique):
+        test.discard(unique[-1])
+    return test
 
 
 def _dedup(rows: list[dict]) -> tuple[list[dict], int]:

@@ -52,8 +52,9 @@ CHECKPOINTS = "checkpoints"
 # settings that do not change what is learned: a resume may differ in these
 _RESUME_FREE = {"logging_steps", "save_steps", "save_total_limit", "logging_dir", "disable_tqdm", "output_dir",
                 "report_to", "dataloader_num_workers", "logging_first_step", "eval_steps", "run_name",
-                # may change on purpose when resuming: train longer, or lower the rate after a non-finite loss
-                "max_steps", "num_train_epochs", "learning_rate", "max_grad_norm"}
+                # read afresh at every step, so a resume may lower it after a non-finite loss (the learning rate and
+                # the step count are not: the restored scheduler keeps the ones the run started with)
+                "max_grad_norm"}
 
 
 @dataclass
@@ -162,9 +163,12 @@ def parse_config(stage: str, run: str | Path, config: str | Path | None = None,
                 continue
             w = _as_flags(key, value)
             try:
-                parser.parse_known_args(w)
+                _, rest = parser.parse_known_args(w)
             except ConfigError as e:
                 issues.append(Issue(e.message.removeprefix("bad training flag: "), shown, line, key))
+                continue
+            if rest:
+                issues.append(Issue(f"expected one value, got {value!r}", shown, line, key))
                 continue
             words += w
             sources[key] = f"{shown}:{line}"
@@ -360,10 +364,21 @@ def _guarded(trainer_cls):
                 raise NonFiniteLoss(
                     f"the loss became {float(loss.detach().float().mean())} at step {self.state.global_step + 1}: "
                     f"training stopped before that step changed the weights",
-                    hint=f"The last good checkpoint is kept in {display_path(self.args.output_dir)}. Lower "
-                         f"learning_rate (now {self.args.learning_rate}) or max_grad_norm (now "
-                         f"{self.args.max_grad_norm}) and run the same command to resume from it.")
+                    hint=f"The last good checkpoint is kept in {display_path(self.args.output_dir)}: lower "
+                         f"max_grad_norm (now {self.args.max_grad_norm}) and run the command again to resume from "
+                         f"it, or lower learning_rate (now {self.args.learning_rate}) and pass --overwrite to start "
+                         "again.")
             return loss
+
+        def _load_from_checkpoint(self, *args, **kwargs):
+            # TRL casts a fresh QLoRA adapter to the compute dtype; transformers loads a checkpoint's adapter back
+            # as float32. Keep the dtypes training started with, or a resumed run is not the same run.
+            dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+            out = super()._load_from_checkpoint(*args, **kwargs)
+            for n, p in self.model.named_parameters():
+                if n in dtypes and p.dtype != dtypes[n]:
+                    p.data = p.data.to(dtypes[n])
+            return out
 
     Guarded.__name__ = trainer_cls.__name__
     return Guarded
@@ -398,11 +413,18 @@ def _callback(progress: TrainProgress):
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json is the last file the trainer writes into one)."""
+    """The newest complete checkpoint: trainer_state.json is the last file the trainer writes into one, so a
+    checkpoint whose state is missing or does not parse was cut short."""
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-            and (p / "trainer_state.json").exists()]
+
+    def complete(p: Path) -> bool:
+        try:
+            return "global_step" in _read_json(p / "trainer_state.json")
+        except (OSError, ValueError):
+            return False
+
+    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and complete(p)]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
@@ -453,7 +475,12 @@ def train(setup: TrainSetup, *, overwrite: bool = False, progress: TrainProgress
             manifest["already_done"] = True
             return manifest
     if overwrite and out.exists():
-        aside = out.with_name(f"{stage}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        stamp = datetime.now().strftime('%Y%m%d-%H%M%S')
+        aside = out.with_name(f"{stage}.old-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = out.with_name(f"{stage}.old-{stamp}-{n}")
         out.rename(aside)
         progress.status(f"moved the previous {stage} folder to {display_path(aside)}")
 

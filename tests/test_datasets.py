@@ -303,9 +303,6 @@ def test_no_prompt_is_in_both_train_and_test_of_any_file(big_run, tmp_path, all_
     assert 0.1 <= card.prompts["test"] / card.prompts["total"] <= 0.4
 
 
-@pytest.mark.xfail(reason="BUG: split_groups holds out the first round(test_size * n) prompts in hash order, so "
-                          "adding prompts moves existing prompts between train and test (the docstring promises "
-                          "it does not)", strict=True)
 def test_the_split_of_a_prompt_is_stable_when_prompts_are_added(tmp_path):
     run = make_run(tmp_path / "run", prompt_rows(20))
     build_datasets(run, BuildOptions(test_size=0.25))

@@ -182,10 +182,6 @@ def test_bad_types_in_yaml_are_reported_each_with_its_line(tmp_path):
     assert by_field["bogus"].line == 4
 
 
-@pytest.mark.xfail(reason="BUG: parse_config checks each YAML key with parser.parse_known_args and ignores the "
-                          "leftover words, so a list given for a one-value setting passes the per-key check and "
-                          "fails later as 'Some specified arguments are not used by the HfArgumentParser: [...]', "
-                          "with no file or line", strict=True)
 def test_a_list_for_a_one_value_setting_is_reported_with_its_line(tmp_path):
     cfg = _write(tmp_path / "my.yaml", "seed: 1\nmax_steps: [1, 2]\n")
     with pytest.raises(ConfigError) as e:
@@ -523,9 +519,6 @@ def test_resume_with_the_same_settings_continues_from_the_checkpoint(interrupted
     assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, SFT_STEPS + 1))
 
 
-@pytest.mark.xfail(reason="BUG: TRL casts a fresh QLoRA adapter to bfloat16, but on resume transformers loads the "
-                          "checkpoint's adapter as float32, so a resumed run trains in another precision than the "
-                          "uninterrupted one (and its losses differ)", strict=True)
 def test_resume_keeps_the_adapter_dtype(interrupted):
     dtypes = interrupted["dtypes"]
     assert dtypes[3] == dtypes[4] == dtypes[1] == dtypes[2], dtypes
@@ -625,9 +618,6 @@ def test_kill_9_mid_training_then_same_command_resumes_to_the_end(killed_and_res
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(reason="BUG: after a resume the QLoRA adapter trains in float32 instead of the bfloat16 TRL "
-                          "gave it (see test_resume_keeps_the_adapter_dtype), so the resumed run's losses drift "
-                          "from the uninterrupted run's; on CPU the resume is otherwise exact", strict=True)
 def test_kill_9_resume_matches_the_uninterrupted_run(killed_and_resumed):
     k = killed_and_resumed
     assert k["rc"] == (0, 0)
@@ -638,9 +628,6 @@ def test_kill_9_resume_matches_the_uninterrupted_run(killed_and_resumed):
     assert loss_r == pytest.approx(loss_w, rel=1e-5)
 
 
-@pytest.mark.xfail(reason="BUG: last_checkpoint takes any checkpoint whose trainer_state.json exists, but the "
-                          "trainer writes that file in place (not atomically): a kill while it is written leaves an "
-                          "empty or torn file, and the resume then crashes with a JSON traceback", strict=True)
 def test_a_checkpoint_with_a_torn_trainer_state_is_skipped_on_resume(base_run, tiny_model_dir, tmp_path,
                                                                       monkeypatch):
     run = copy_run(base_run, tmp_path / "run")
