@@ -94,13 +94,13 @@ def memory_child(model_path: str, mode: str) -> None:
 
     base = _status("VmRSS")
     mcfg = ModelConfig(load_in_4bit=mode == "4bit", bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
-    model = load_model(model_path, None, mcfg, "cpu", "bfloat16" if mode == "16bit" else "float32")
+    model = load_model(model_path, None, mcfg, "cpu", "bfloat16")     # the same compute dtype for both
     footprint = model.get_memory_footprint()
     rss_loaded = _status("VmRSS") - base
     del model
     with tempfile.TemporaryDirectory() as tmp:
         sft_run(model_path, mixed_rows(8), padding_free=False, steps=1, batch=4, out=tmp,
-                four_bit=mode == "4bit", dtype="bfloat16" if mode == "16bit" else "float32")
+                four_bit=mode == "4bit", dtype="bfloat16")
     print(json.dumps({"footprint": footprint, "rss_loaded": rss_loaded, "rss_peak": _status("VmHWM") - base}))
 
 
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--gpu", action="store_true", help="the CUDA measurement (3) instead of 1 and 2")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory comparison (2)")
     ap.add_argument("--memory-child", choices=["4bit", "16bit"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -146,6 +147,14 @@ def main() -> None:
 
     import torch
 
+    if not a.memory_only:
+        throughput(a, path)
+    memory(a)
+
+
+def throughput(a, path: str) -> None:
+    import torch
+
     rows = mixed_rows(a.rows)
     print(f"{a.model}: QLoRA SFT (4-bit NF4 + LoRA r16 all-linear, dropout 0), {a.rows} rows of 16-400 words, "
           f"batch {a.batch}, {a.steps} steps, CPU, torch threads {torch.get_num_threads()}")
@@ -161,12 +170,15 @@ def main() -> None:
     print(f"padding-free / padded tok/s = {ratio:.2f}  (target >= 1.3)")
     print(f"|first-step loss difference| = {dloss:.2e}  (target <= 1e-3)")
 
+
+def memory(a) -> None:
     mem = {}
     for mode in ("16bit", "4bit"):
         p = subprocess.run([sys.executable, __file__, "--model", a.model, "--memory-child", mode],
                            capture_output=True, text=True, check=True)
         mem[mode] = json.loads(p.stdout.strip().splitlines()[-1])
-    print("memory above the process's baseline after imports (fresh process each):")
+    print("base model in bfloat16 vs 4-bit NF4 (compute in bfloat16), one QLoRA step of batch 4; memory above the "
+          "process's baseline after imports, a fresh process each:")
     print(f"{'base':<8}{'weights':>14}{'RSS loaded':>14}{'RSS peak (1 step)':>20}")
     for mode, m in mem.items():
         print(f"{mode:<8}{gib(m['footprint']):>14}{gib(m['rss_loaded']):>14}{gib(m['rss_peak']):>20}")
