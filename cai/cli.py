@@ -117,12 +117,24 @@ def _generate_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--out", type=Path, default=Path(DEMO["out"]), help="run folder (default: %(default)s)")
     p.add_argument("--model", default="default",
                    help="'default' (offline SmolLM2-135M-Instruct), a local folder, or a HF id[@revision]")
-    p.add_argument("--backend", default="local", choices=["local", "fake"], help="default: %(default)s")
+    p.add_argument("--backend", default="local", choices=["local", "fake", "openai"],
+                   help="local (transformers), openai (any OpenAI-compatible server), fake (default: %(default)s)")
+    p.add_argument("--base-url", action="append", default=[], metavar="URL",
+                   help="openai backend: an endpoint, e.g. http://10.0.0.5:8000/v1; repeat for several")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="openai backend: the environment variable holding the API key (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=64,
+                   help="openai backend: requests in flight over all endpoints (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="openai backend: seconds per request before it is retried (default: %(default)s)")
+    p.add_argument("--max-retries", type=int, default=6,
+                   help="openai backend: retries per request before it goes to errors.jsonl (default: %(default)s)")
     p.add_argument("--device", help="torch device for the local backend (default: cuda if available, else cpu)")
     p.add_argument("--rounds", type=int, default=d.get("rounds", 1),
                    help="critique→revise rounds per prompt, a fresh principle each (default: %(default)s; paper: 4)")
     p.add_argument("--limit", type=int, default=d.get("limit"), help="use only the first N prompts")
-    p.add_argument("--batch-size", type=int, default=d.get("batch_size", 16), help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=d.get("batch_size"),
+                   help="prompts per stage call (default: 16; with --backend openai, --concurrency)")
     p.add_argument("--max-new-tokens", type=int, default=d.get("max_new_tokens", 256),
                    help="per stage (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
@@ -188,8 +200,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CaiError(f"--rounds must be at least 1, got {args.rounds}")
     if args.limit is not None and args.limit < 1:
         raise CaiError(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size is None:
+        args.batch_size = args.concurrency if args.backend == "openai" else 16
     if args.batch_size < 1:
         raise CaiError(f"--batch-size must be at least 1, got {args.batch_size}")
+    options = {}
+    if args.backend == "openai":
+        options = {"base_urls": args.base_url, "api_key_env": args.api_key_env, "concurrency": args.concurrency,
+                   "timeout": args.request_timeout, "max_retries": args.max_retries}
+    elif args.base_url:
+        raise CaiError("--base-url is for --backend openai")
     try:
         sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)
@@ -207,7 +227,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()   # our own status line covers loading; one progress display at a time
     with err.status(f"loading model {args.model} ..."):
-        backend = make_backend(args.backend, args.model, device=args.device)
+        backend = make_backend(args.backend, args.model, device=args.device, **options)
     err.print(f"model {backend.model} ({args.backend}) loaded in {time.perf_counter() - t_load:.1f}s; "
               f"{len(items)} prompts from {prompts.source}, constitution {constitution.name} v{constitution.version}")
 
@@ -444,6 +464,8 @@ def _print_summary(s, bad_rows) -> None:
         t.add_row("superseded (moved to superseded.jsonl)", str(s.superseded))
     if s.too_long:
         t.add_row("left out: too long (errors.jsonl)", str(s.too_long))
+    if s.failed:
+        t.add_row("failed requests (errors.jsonl; retried next run)", str(s.failed))
     if bad_rows:
         t.add_row("bad prompt rows skipped", str(len(bad_rows)))
     if s.torn_bytes:

@@ -35,6 +35,7 @@ class Summary:
     skipped: int = 0            # already in the folder with the same key
     superseded: int = 0         # old records moved to superseded.jsonl (their key changed)
     too_long: int = 0           # left out with --skip-long (listed in errors.jsonl)
+    failed: int = 0             # requests that failed for good (listed in errors.jsonl; tried again next run)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -138,9 +139,14 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
             summary.seconds = time.perf_counter() - t0
             progress.stage(event)
 
+        def on_error(plan: Plan, stage: str, rnd: int, message: str) -> None:
+            summary.failed += 1
+            store.append_error({"prompt_id": plan.item.id, "key": plan.key, "stage": stage, "round": rnd,
+                                "reason": "request_failed", "message": message, "at": _now()})
+
         for start in range(0, len(todo), batch_size):
             batch: list[Plan] = todo[start:start + batch_size]
-            records = gen.run_batch(batch, on_stage)
+            records = gen.run_batch(batch, on_stage, on_error)
             summary.written += store.append(records)
             for r in records:
                 if r["flags"]:

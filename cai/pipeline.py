@@ -165,37 +165,52 @@ class Generator:
                     file or None, int(line) if line.isdigit() else None)
         return issues, sizes
 
-    def run_batch(self, plans: list[Plan], on_stage: Callable[[StageEvent], None] | None = None) -> list[dict]:
-        """Generate the records of a batch of prompts; each stage is one backend call over the whole batch."""
+    def run_batch(self, plans: list[Plan], on_stage: Callable[[StageEvent], None] | None = None,
+                  on_error: Callable[[Plan, str, int, str], None] | None = None) -> list[dict]:
+        """Generate the records of a batch of prompts; each stage is one backend call over the whole batch. A prompt
+        whose request failed for good at some stage (``Completion.error``) is dropped from the later stages and
+        reported through ``on_error(plan, stage, round, message)``; it has no record."""
         c, s = self.constitution, self.sampling
         convos = [p.item.messages for p in plans]
         usage = [{"prompt_tokens": 0, "completion_tokens": 0} for _ in plans]
         batch_seed = int(hashlib.sha256((str(s.seed) + "".join(p.key for p in plans)).encode()).hexdigest()[:8], 16)
+        failed: set[int] = set()
 
-        def call(stage: str, rnd: int, batch: list[list[Message]]) -> list[Completion]:
+        def call(stage: str, rnd: int, make: Callable[[int], list[Message]]) -> dict[int, Completion]:
+            idx = [i for i in range(len(plans)) if i not in failed]
+            if not idx:
+                return {}
             t0 = time.perf_counter()
+            batch = [make(i) for i in idx]
             out = self.backend.generate(batch, s, seed=(batch_seed + 1000 * rnd + len(stage)) % (2 ** 31))
             if len(out) != len(batch):
                 raise RuntimeError(f"backend returned {len(out)} completions for {len(batch)} conversations")
-            for u, comp in zip(usage, out):
-                u["prompt_tokens"] += comp.prompt_tokens
-                u["completion_tokens"] += comp.completion_tokens
+            done: dict[int, Completion] = {}
+            for i, comp in zip(idx, out):
+                usage[i]["prompt_tokens"] += comp.prompt_tokens
+                usage[i]["completion_tokens"] += comp.completion_tokens
+                if comp.error is not None:
+                    failed.add(i)
+                    if on_error:
+                        on_error(plans[i], stage, rnd, comp.error)
+                else:
+                    done[i] = comp
             if on_stage:
                 on_stage(StageEvent(stage, rnd, len(batch), sum(o.prompt_tokens for o in out),
                                     sum(o.completion_tokens for o in out), time.perf_counter() - t0))
-            return out
+            return done
 
-        initial = call("respond", 0, [respond_messages(m) for m in convos])
-        initial_flags = [check_output(comp, [p.item.last_user]) for comp, p in zip(initial, plans)]
-        answers = [comp.text for comp in initial]
+        initial = call("respond", 0, lambda i: respond_messages(convos[i]))
+        initial_flags = {i: check_output(comp, [plans[i].item.last_user]) for i, comp in initial.items()}
+        answers = {i: comp.text for i, comp in initial.items()}
         rounds: list[list[dict]] = [[] for _ in plans]
         for r in range(self.rounds):
             principles = [c.principle(p.principles[r]) for p in plans]
-            crit = call("critique", r + 1, [critique_messages(c, m, a, pr)
-                                            for m, a, pr in zip(convos, answers, principles)])
-            rev = call("revise", r + 1, [revise_messages(c, m, a, pr, cr.text)
-                                         for m, a, pr, cr in zip(convos, answers, principles, crit)])
-            for i, (pr, cr, rv) in enumerate(zip(principles, crit, rev)):
+            crit = call("critique", r + 1, lambda i: critique_messages(c, convos[i], answers[i], principles[i]))
+            rev = call("revise", r + 1, lambda i: revise_messages(c, convos[i], answers[i], principles[i],
+                                                                  crit[i].text))
+            for i, rv in rev.items():
+                pr, cr = principles[i], crit[i]
                 # critique problems are kept on the round, prefixed; the revision's own flags reach the record
                 flags = ["critique_" + f for f in check_output(cr, [pr.critique])]
                 flags += check_output(rv, [pr.revision, pr.critique, cr.text, plans[i].item.last_user],
@@ -204,7 +219,7 @@ class Generator:
                                   "revision": rv.text, "flags": flags})
                 answers[i] = rv.text
         return [self._record(p, initial[i].text, initial_flags[i], rounds[i], usage[i])
-                for i, p in enumerate(plans)]
+                for i, p in enumerate(plans) if i not in failed]
 
     def _record(self, plan: Plan, initial: str, initial_flags: list[str], rounds: list[dict], usage: dict) -> dict:
         c = self.constitution

@@ -6,14 +6,23 @@ from cai.backends.base import Backend, Completion, Sampling
 
 __all__ = ["Backend", "Completion", "Sampling", "make_backend", "BACKENDS"]
 
-BACKENDS = ("local", "fake")
+BACKENDS = ("local", "fake", "openai")
 
 
-def make_backend(kind: str, model: str | None = None, device: str | None = None) -> Backend:
+def make_backend(kind: str, model: str | None = None, device: str | None = None, **options) -> Backend:
+    """``options`` go to the openai backend (base_urls, api_key_env, concurrency, timeout, max_retries)."""
     if kind == "local":
         from cai.backends.local import LocalBackend
 
         return LocalBackend(model, device=device)
+    if kind == "openai":
+        from cai.backends.openai import OpenAIBackend
+
+        if model in (None, "", "default"):
+            from cai.errors import CaiError
+
+            raise CaiError("the openai backend needs --model: the model name the endpoint serves")
+        return OpenAIBackend(model, **options)
     if kind == "fake":
         from cai.backends.fake import FakeBackend
 

@@ -32,7 +32,8 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str   # "stop" (end of sequence) or "length" (hit max_new_tokens: the text is cut off)
+    finish_reason: str   # "stop" (end of sequence), "length" (hit max_new_tokens: the text is cut off), "error"
+    error: str | None = None   # set when the request failed for good: the text is not an answer, never recorded
 
 
 @runtime_checkable

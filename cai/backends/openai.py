@@ -1,0 +1,221 @@
+"""An OpenAI-compatible chat-completions backend: vLLM, TGI, SGLang, Ollama, llama.cpp's server, hosted APIs, or
+``cai serve``, over HTTP, one or many endpoints.
+
+- Requests of a batch run concurrently (async), at most ``concurrency`` in flight over all endpoints.
+- Each request goes to the endpoint with the fewest requests outstanding. An endpoint that fails ``trip_after``
+  times in a row (refused or dropped connections, timeouts, 502/503/504) is taken out of rotation for a cool-down
+  (doubling, up to ``max_cooldown``) and then tried again; while every endpoint is out, requests wait for the first
+  to come back.
+- Connection errors, timeouts, 408/409/429/5xx, a body that is not JSON and an answer with no choices are retried
+  with exponential backoff and full jitter, honouring ``Retry-After``; at most ``max_retries`` retries.
+- 401/403 stop the whole run at once (:class:`AuthError`): a wrong key is never hammered.
+- A request that still fails becomes a :class:`Completion` with ``error`` set (never a model answer); the pipeline
+  leaves that prompt out and lists it in ``errors.jsonl``, and the next run tries it again.
+- The API key comes from an environment variable (``api_key_env``) and is never logged or recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+from cai.backends.base import Completion, Sampling
+from cai.errors import CaiError
+from cai.prompts import Message
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 409, 429}
+# answers that say the server (not the request) is unavailable: these, connection errors and timeouts count towards
+# taking an endpoint out of rotation; a 500 for one request, a 429 (Retry-After) or a bad body do not
+ENDPOINT_DOWN_STATUS = {502, 503, 504}
+
+
+class AuthError(CaiError):
+    """The endpoint refused the API key: stop, do not retry."""
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None, endpoint_down: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.endpoint_down = endpoint_down     # says the endpoint, not this request, is in trouble
+
+
+@dataclass
+class Endpoint:
+    url: str
+    outstanding: int = 0
+    failures: int = 0             # in a row
+    down_until: float = 0.0
+    cooldown: float = 0.0
+    served: int = 0               # successful requests (for the summary and tests)
+    errors: int = 0
+
+
+@dataclass
+class OpenAIBackend:
+    model: str
+    base_urls: list[str] = field(default_factory=list)
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 64
+    timeout: float = 120.0            # seconds per request
+    max_retries: int = 6
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    trip_after: int = 3               # failures in a row that take an endpoint out of rotation
+    first_cooldown: float = 2.0
+    max_cooldown: float = 30.0
+    context_length: int | None = None
+    name: str = "openai"
+    model_revision: str | None = None
+    endpoints: list[Endpoint] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.base_urls:
+            raise CaiError("the openai backend needs at least one --base-url")
+        if self.concurrency < 1:
+            raise CaiError(f"--concurrency must be at least 1, got {self.concurrency}")
+        self.endpoints = [Endpoint(u.rstrip("/")) for u in self.base_urls]
+        self._api_key = os.environ.get(self.api_key_env) or None
+        self._verified = False
+
+    # -- the Backend protocol ------------------------------------------------------------------------------------
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        """An estimate (no tokenizer here): about 4 characters a token, plus a few per message for the template."""
+        return sum(len(m["content"]) // 4 + 4 for m in messages)
+
+    def generate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
+        return asyncio.run(self.agenerate(batch, sampling, seed))
+
+    async def agenerate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        sem = asyncio.Semaphore(self.concurrency)
+        async with httpx.AsyncClient(limits=limits, headers=headers, timeout=self.timeout) as client:
+            async def one(i: int, messages: list[Message]) -> Completion:
+                async with sem:
+                    return await self._request(client, messages, sampling, seed + i)
+
+            first: list[Completion] = []
+            if not self._verified and batch:
+                # the first request goes alone: a wrong key or URL costs one request, not `concurrency` of them
+                first = [await one(0, batch[0])]
+                self._verified = first[0].error is None
+            tasks = [asyncio.create_task(one(i, m)) for i, m in enumerate(batch) if i >= len(first)]
+            try:
+                return first + list(await asyncio.gather(*tasks))
+            except AuthError:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+
+    # -- one request, with retries --------------------------------------------------------------------------------
+
+    async def _request(self, client, messages: list[Message], sampling: Sampling, seed: int) -> Completion:
+        body = {"model": self.model, "messages": messages, "max_tokens": sampling.max_new_tokens,
+                "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": seed}
+        reason = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            ep = await self._pick()
+            ep.outstanding += 1
+            try:
+                comp = await self._post(client, ep, body)
+            except _Retryable as e:
+                reason = f"{ep.url}: {e.reason}"
+                ep.errors += 1
+                if e.endpoint_down:
+                    self._failed(ep)
+                if attempt == self.max_retries:
+                    break
+                delay = min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.random()
+                if e.retry_after is not None:
+                    delay = max(delay, min(e.retry_after, self.backoff_max))
+                log.info("retrying after %.2fs (%s)", delay, reason)
+                await asyncio.sleep(delay)
+                continue
+            finally:
+                ep.outstanding -= 1
+            ep.failures, ep.cooldown = 0, 0.0
+            ep.served += 1
+            return comp
+        return Completion("", 0, 0, "error", error=f"gave up after {self.max_retries + 1} attempts: {reason}")
+
+    async def _post(self, client, ep: Endpoint, body: dict) -> Completion:
+        import httpx
+
+        try:
+            r = await client.post(f"{ep.url}/chat/completions", json=body)
+        except httpx.TimeoutException:
+            raise _Retryable(f"no answer within {self.timeout:g}s", endpoint_down=True) from None
+        except httpx.TransportError as e:
+            raise _Retryable(f"connection failed ({type(e).__name__})", endpoint_down=True) from None
+        if r.status_code in (401, 403):
+            raise AuthError(f"{ep.url} refused the API key (HTTP {r.status_code})",
+                            hint=f"Set the key in ${self.api_key_env} (or name another variable with "
+                                 "--api-key-env). Nothing more was sent.")
+        if r.status_code in RETRY_STATUS or r.status_code >= 500:
+            raise _Retryable(f"HTTP {r.status_code}", _retry_after(r.headers.get("retry-after")),
+                             endpoint_down=r.status_code in ENDPOINT_DOWN_STATUS)
+        if r.status_code >= 400:
+            return Completion("", 0, 0, "error", error=f"{ep.url}: HTTP {r.status_code}: {_short(r.text)}")
+        try:
+            data = r.json()
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Retryable(f"unusable answer body: {_short(r.text)}") from None
+        usage = data.get("usage") or {}
+        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        return Completion(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                          finish)
+
+    # -- endpoint rotation -----------------------------------------------------------------------------------------
+
+    async def _pick(self) -> Endpoint:
+        while True:
+            now = time.monotonic()
+            up = [e for e in self.endpoints if e.down_until <= now]
+            if up:
+                return min(up, key=lambda e: (e.outstanding, e.served))
+            await asyncio.sleep(max(0.01, min(e.down_until for e in self.endpoints) - now))
+
+    def _failed(self, ep: Endpoint) -> None:
+        ep.failures += 1
+        if ep.failures >= self.trip_after:
+            ep.cooldown = min(self.max_cooldown, ep.cooldown * 2 if ep.cooldown else self.first_cooldown)
+            ep.down_until = time.monotonic() + ep.cooldown
+            ep.failures = 0
+            log.warning("endpoint %s out of rotation for %.0fs after repeated failures", ep.url, ep.cooldown)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _short(text: str, n: int = 200) -> str:
+    text = " ".join(text.split())
+    return text[:n] + ("…" if len(text) > n else "")
+
+
+__all__ = ["OpenAIBackend", "AuthError", "Endpoint"]
