@@ -66,6 +66,8 @@ class FaultServer:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
         if h.path.rstrip("/") != "/v1/chat/completions":
+            with self.lock:
+                self.requests += 1
             return self._send(h, 404, {"error": {"message": "not found"}})
         if self.api_key and h.headers.get("Authorization") != f"Bearer {self.api_key}":
             with self.lock:

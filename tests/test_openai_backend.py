@@ -9,7 +9,7 @@ import time
 import pytest
 
 from cai.backends.base import Sampling
-from cai.backends.openai import AuthError, OpenAIBackend
+from cai.backends.openai import AuthError, EndpointError, OpenAIBackend
 from cai.generate import run_generate
 from cai.records import read_jsonl, read_records
 from conftest import items_from, make_constitution, prompt_rows
@@ -97,6 +97,14 @@ def test_wrong_api_key_stops_at_once_without_hammering(monkeypatch):
         assert s.requests == 1
     finally:
         s.close()
+
+
+def test_a_wrong_url_stops_at_once(server):
+    be = backend(server.url.removesuffix("/v1") + "/nope", concurrency=8)
+    with pytest.raises(EndpointError) as e:
+        ask(be, [f"q{i}" for i in range(10)])
+    assert "404" in e.value.message and "--base-url" in e.value.hint
+    assert server.requests == 1      # the first request went alone; nothing followed the 404
 
 
 def test_the_api_key_is_sent_as_bearer(monkeypatch):

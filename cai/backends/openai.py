@@ -8,7 +8,8 @@
   to come back.
 - Connection errors, timeouts, 408/409/429/5xx, a body that is not JSON and an answer with no choices are retried
   with exponential backoff and full jitter, honouring ``Retry-After``; at most ``max_retries`` retries.
-- 401/403 stop the whole run at once (:class:`AuthError`): a wrong key is never hammered.
+- 401/403 stop the whole run at once (:class:`AuthError`): a wrong key is never hammered; so does a 404 (a wrong
+  URL or model name, :class:`EndpointError`). The first request of a backend goes alone, so either costs one request.
 - A request that still fails becomes a :class:`Completion` with ``error`` set (never a model answer); the pipeline
   leaves that prompt out and lists it in ``errors.jsonl``, and the next run tries it again.
 - The API key comes from an environment variable (``api_key_env``) and is never logged or recorded.
@@ -38,6 +39,10 @@ ENDPOINT_DOWN_STATUS = {502, 503, 504}
 
 class AuthError(CaiError):
     """The endpoint refused the API key: stop, do not retry."""
+
+
+class EndpointError(CaiError):
+    """The endpoint does not serve this URL or model (404): a setting to fix, not a fault to retry."""
 
 
 class _Retryable(Exception):
@@ -114,7 +119,7 @@ class OpenAIBackend:
             tasks = [asyncio.create_task(one(i, m)) for i, m in enumerate(batch) if i >= len(first)]
             try:
                 return first + list(await asyncio.gather(*tasks))
-            except AuthError:
+            except (AuthError, EndpointError):
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -164,6 +169,11 @@ class OpenAIBackend:
             raise AuthError(f"{ep.url} refused the API key (HTTP {r.status_code})",
                             hint=f"Set the key in ${self.api_key_env} (or name another variable with "
                                  "--api-key-env). Nothing more was sent.")
+        if r.status_code == 404:
+            raise EndpointError(f"{ep.url}/chat/completions answered 404 for model {self.model!r}: "
+                                f"{_short(r.text)}",
+                                hint="Check --base-url (it usually ends in /v1) and --model (the name the server "
+                                     "serves). Nothing more was sent.")
         if r.status_code in RETRY_STATUS or r.status_code >= 500:
             raise _Retryable(f"HTTP {r.status_code}", _retry_after(r.headers.get("retry-after")),
                              endpoint_down=r.status_code in ENDPOINT_DOWN_STATUS)
@@ -218,4 +228,4 @@ def _short(text: str, n: int = 200) -> str:
     return text[:n] + ("…" if len(text) > n else "")
 
 
-__all__ = ["OpenAIBackend", "AuthError", "Endpoint"]
+__all__ = ["OpenAIBackend", "AuthError", "EndpointError", "Endpoint"]
