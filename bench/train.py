@@ -144,9 +144,6 @@ def main() -> None:
         return
     if a.gpu:
         return gpu_bench(a)
-
-    import torch
-
     if not a.memory_only:
         throughput(a, path)
     memory(a)

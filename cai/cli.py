@@ -271,7 +271,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
-    from cai.datasets import BuildOptions, build_datasets, helpful_from_run, read_run
+    from cai.datasets import BuildOptions, build_datasets, helpful_from_run, read_run_info
 
     err = _console(stderr=True)
     opts = BuildOptions(helpful_mix=args.helpful_mix, test_size=args.test_size, all_rounds=args.all_rounds,
@@ -279,13 +279,12 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     opts.check()
     source = None
     if opts.helpful_mix > 0:
-        info, _ = read_run(args.run)
+        info = read_run_info(args.run)
 
         def make(kind: str, model: str):
             from cai.backends import make_backend
-            from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
+            _quiet_libraries()
             with err.status(f"loading model {model} to answer the helpfulness prompts ..."):
                 return make_backend(kind, model, device=args.device)
 
@@ -319,7 +318,7 @@ def _print_card(card) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cai.train import TrainProgress, config_help, parse_config, train
+    from cai.train import config_help, parse_config, train
 
     if args.help_config:
         _console().print(config_help(args.stage), markup=False, highlight=False)
@@ -359,13 +358,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from cai.train import merge_adapter
+    from cai.train import TrainProgress, merge_adapter
 
     err = _console(stderr=True)
     _quiet_libraries()
     with err.status("merging ...") as status:
-        from cai.train import TrainProgress
-
         summary = merge_adapter(args.adapter, args.output, dtype=args.dtype, force=args.force,
                                 progress=TrainProgress(status=lambda text: status.update(text)))
     _console().print(f"merged {display_path(args.adapter)} into {summary['base_model']} → "

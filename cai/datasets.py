@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any, Callable
 
 from cai import __version__
 from cai.errors import DataError, RunFolderError, display_path
-from cai.records import FLAGS, Record, read_records, write_json_atomic
+from cai.records import FLAGS, Record, read_records, write_bytes_atomic, write_json_atomic
 
 DATA_DIR = "data"
 HELPFUL_DIR = "helpful"
@@ -95,6 +94,10 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
+def _conversation(record: Record) -> list[dict]:
+    return [dict(m) for m in record.messages]
+
+
 def _allowed(flags: list[str], allow: set[str]) -> str | None:
     """The first flag that excludes a text, or None."""
     return next((f for f in flags if f not in allow), None)
@@ -102,7 +105,7 @@ def _allowed(flags: list[str], allow: set[str]) -> str | None:
 
 def sft_rows(record: Record, all_rounds: bool, allow: set[str]) -> tuple[list[dict], list[str]]:
     """SFT rows of one record, and the reasons for rows left out."""
-    convo = [m.model_dump() if hasattr(m, "model_dump") else dict(m) for m in record.messages]
+    convo = _conversation(record)
     if all_rounds and record.rounds:
         rows, reasons = [], []
         for rnd in record.rounds:
@@ -133,8 +136,7 @@ def dpo_row(record: Record, allow: set[str]) -> tuple[dict | None, str | None]:
         return None, bad
     if " ".join(record.final.split()) == " ".join(record.initial.split()):
         return None, "no_pair"
-    convo = [m.model_dump() if hasattr(m, "model_dump") else dict(m) for m in record.messages]
-    return {"prompt": convo, "chosen": [_assistant(record.final)], "rejected": [_assistant(record.initial)]}, None
+    return {"prompt": _conversation(record), "chosen": [_assistant(record.final)], "rejected": [_assistant(record.initial)]}, None
 
 
 def _digest(obj: Any) -> str:
@@ -176,7 +178,8 @@ def _dedup(rows: list[dict]) -> tuple[list[dict], int]:
 # Building
 
 
-def read_run(run: Path) -> tuple[dict, list[Record]]:
+def read_run_info(run: Path) -> dict:
+    """A run folder's run.json (checked to be a run folder)."""
     if not run.is_dir():
         raise RunFolderError(f"{display_path(run)} is not a folder", hint="Pass the run folder `cai generate` wrote.")
     try:
@@ -186,6 +189,11 @@ def read_run(run: Path) -> tuple[dict, list[Record]]:
                              hint="Pass the --out folder of `cai generate`.") from None
     except ValueError:
         raise RunFolderError(f"{display_path(run / 'run.json')} is unreadable") from None
+    return info
+
+
+def read_run(run: Path) -> tuple[dict, list[Record]]:
+    info = read_run_info(run)
     records = read_records(run)
     if not records:
         raise DataError(f"{display_path(run)} has no records (records.jsonl is missing or empty)",
@@ -271,7 +279,7 @@ def build_datasets(run: str | Path, options: BuildOptions | None = None,
     card.sha256 = _digest(card.files)
     card.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_json_atomic(data / "card.json", asdict(card))
-    _write_text_atomic(data / "README.md", render_card(card))
+    write_bytes_atomic(data / "README.md", render_card(card).encode("utf-8"))
     return card
 
 
@@ -316,21 +324,8 @@ def _flag_summary(records: list[Record]) -> str:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-    _write_bytes_atomic(path, data)
+    write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    _write_bytes_atomic(path, text.encode())
 
 
 def render_card(card: Card) -> str:
@@ -387,13 +382,14 @@ def helpful_from_run(run: Path, info: dict, prompts: str, seed: int, make_backen
         model = info.get("model_source") or info.get("model")
         sampling = Sampling(**info["sampling"])
         out = run / HELPFUL_DIR
-        done = {r.prompt_id for r in read_records(out)} if (out / "records.jsonl").exists() else set()
-        if any(it.id not in done for it in items):
+        have = read_records(out) if (out / "records.jsonl").exists() else []
+        wanted = {it.id for it in items}
+        if not wanted <= {r.prompt_id for r in have}:
             backend = make_backend(kind, model)
             run_generate(constitution=constitution, items=items, backend=backend, out=out, rounds=0,
                          sampling=sampling, batch_size=batch_size, progress=progress, model_source=model,
                          constitution_path=cpath)
-        wanted = {it.id for it in items}
-        return [r for r in read_records(out) if r.prompt_id in wanted]
+            have = read_records(out)
+        return [r for r in have if r.prompt_id in wanted]
 
     return source

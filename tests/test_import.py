@@ -83,6 +83,15 @@ def _check_anthropic(c):
     assert crit2.index("biased content") < crit2.index("stereotypes")
 
 
+
+def import_error(importer, data, tmp_path) -> ConstitutionError:
+    """Write ``data`` as a JSON file, import it, and return the ConstitutionError it must raise."""
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConstitutionError) as info:
+        importer(path)
+    return info.value
+
 def test_import_hf_function(hf_file):
     _check_hf(import_hf(hf_file))
 
@@ -139,11 +148,8 @@ def test_malformed_json_names_the_line(fmt, tmp_path, capsys):
 def test_hf_missing_fields(tmp_path):
     data = hf_data()
     del data["constitutions"][1]["revision"]
-    path = tmp_path / "x.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(ConstitutionError) as info:
-        import_hf(path)
-    issue = info.value.issues[0]
+    error = import_error(import_hf, data, tmp_path)
+    issue = error.issues[0]
     assert issue.field == "constitutions[1]"
     assert "revision" in issue.message
 
@@ -159,22 +165,16 @@ def test_hf_without_constitutions_list(tmp_path):
 def test_hf_bad_system_chat(tmp_path):
     data = hf_data()
     data["system_chat"][1] = data["system_chat"][1][:4]
-    path = tmp_path / "x.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(ConstitutionError) as info:
-        import_hf(path)
-    assert info.value.issues[0].field == "system_chat[1]"
-    assert "6 messages" in info.value.issues[0].message
+    error = import_error(import_hf, data, tmp_path)
+    assert error.issues[0].field == "system_chat[1]"
+    assert "6 messages" in error.issues[0].message
 
 
 def test_hf_empty_text_is_refused(tmp_path):
     data = hf_data()
     data["constitutions"][0]["critic"] = "   "
-    path = tmp_path / "x.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(ConstitutionError) as info:
-        import_hf(path)
-    assert any("critique" in (i.field or "") for i in info.value.issues)
+    error = import_error(import_hf, data, tmp_path)
+    assert any("critique" in (i.field or "") for i in error.issues)
 
 
 @pytest.mark.parametrize("entry, missing", [({"prompt": ["x"]}, "edit_request"),
@@ -183,11 +183,8 @@ def test_hf_empty_text_is_refused(tmp_path):
 def test_anthropic_missing_fields(tmp_path, entry, missing):
     data = anthropic_data()
     data["harmful1"] = entry
-    path = tmp_path / "x.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(ConstitutionError) as info:
-        import_anthropic(path)
-    issue = info.value.issues[0]
+    error = import_error(import_anthropic, data, tmp_path)
+    issue = error.issues[0]
     assert issue.field == "harmful1"
     assert missing in issue.message
 
