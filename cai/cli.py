@@ -145,6 +145,10 @@ def _generate_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="leave out prompts that may not fit the context (listed in errors.jsonl) instead of stopping")
     p.add_argument("--supersede", action="store_true",
                    help="--out holds another constitution's or model's records: move them to superseded.jsonl")
+    if not demo:
+        p.add_argument("--dry-run", action="store_true",
+                       help="say how many model calls and roughly how many tokens the run would take; call nothing, "
+                            "write nothing")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -222,14 +226,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         err.print(f"[yellow]... and {len(prompts.issues) - 20} more bad rows skipped[/]")
     items = prompts.items[: args.limit] if args.limit else prompts.items
 
+    dry = getattr(args, "dry_run", False)
     t_load = time.perf_counter()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()   # our own status line covers loading; one progress display at a time
-    with err.status(f"loading model {args.model} ..."):
-        backend = make_backend(args.backend, args.model, device=args.device, **options)
+    with err.status(f"loading {'the tokenizer of ' if dry else ''}model {args.model} ..."):
+        backend = make_backend(args.backend, args.model, device=args.device, weights=not dry, **options)
     err.print(f"model {backend.model} ({args.backend}) loaded in {time.perf_counter() - t_load:.1f}s; "
               f"{len(items)} prompts from {prompts.source}, constitution {constitution.name} v{constitution.version}")
+    if dry:
+        from cai.generate import dry_run
+
+        with err.status("counting ..."):
+            report = dry_run(constitution=constitution, items=items, backend=backend, out=args.out,
+                             rounds=args.rounds, sampling=sampling, batch_size=args.batch_size,
+                             skip_long=args.skip_long, supersede_all=args.supersede)
+        _print_dry_run(report, args.backend)
+        return 0
 
     progress, bar = _progress_bar(err)
     try:
@@ -451,12 +465,28 @@ def _progress_bar(console, label: str = "records"):
     return Progress(start=start, stage=stage), bar
 
 
+def _print_dry_run(r, backend: str) -> None:
+    t = _table(f"cai generate --dry-run → {r.out} (nothing called, nothing written)")
+    t.add_row("prompts", f"{r.planned}: {r.reused} reused as they are, {r.regenerate} to regenerate, {r.new} new"
+              + (f", {r.too_long} too long" if r.too_long else ""))
+    t.add_row("model calls", f"{r.calls:,}" + (f" ({r.cached_calls:,} more stages come from the stage cache)"
+                                                if r.cached_calls else ""))
+    how = "estimated at 4 characters a token" if backend == "openai" else "counted with the model's tokenizer"
+    t.add_row("prompt tokens", f"~{r.prompt_tokens:,} ({how}; outputs not generated yet taken as "
+                               f"{r.assumed_tokens} tokens)")
+    t.add_row("generated tokens", f"~{r.completion_tokens:,} (at most {r.max_completion_tokens:,}: "
+                                  "--max-new-tokens per call)")
+    _console().print(t)
+
+
 def _print_summary(s, bad_rows) -> None:
     t = _table(f"cai generate → {s.out}")
-    t.add_row("records written", str(s.written))
+    t.add_row("records written", f"{s.written} ({s.new} new, {s.regenerated} regenerated)")
     flags = ", ".join(f"{k} {v}" for k, v in sorted(s.flag_counts.items()))
     t.add_row("flagged", f"{s.flagged}" + (f" ({flags})" if flags else ""))
-    t.add_row("skipped (already done)", str(s.skipped))
+    t.add_row("reused (already done)", str(s.skipped))
+    t.add_row("model calls", f"{s.calls:,}" + (f" (+{s.cached_calls:,} stages from the stage cache)"
+                                               if s.cached_calls else ""))
     if s.superseded:
         t.add_row("superseded (moved to superseded.jsonl)", str(s.superseded))
     if s.too_long:

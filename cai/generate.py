@@ -2,8 +2,10 @@
 
 Everything that can be wrong with the inputs (the constitution, the prompts, a prompt that does not fit, an output
 folder made with another constitution or model) is checked before the folder is touched. Then prompts whose key is
-already in the folder are skipped, records whose key changed are moved to ``superseded.jsonl``, and the rest are
-generated batch by batch, each batch appended (and fsynced) as soon as it is done.
+already in the folder are reused, records whose key changed are moved to ``superseded.jsonl``, and the rest are
+generated batch by batch, each batch appended (and fsynced) as soon as it is done. Every stage call goes through the
+folder's stage cache (``stages.jsonl``): a regenerated record calls the model only for the stages whose inputs
+changed. ``dry_run`` says what a run would do, calling nothing and writing nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from cai import __version__
 from cai.backends.base import Backend
 from cai.constitution import Constitution
 from cai.errors import ContextLengthError, RunFolderError, display_path
-from cai.pipeline import Generator, Plan, StageEvent
+from cai.pipeline import Generator, MemoryStageCache, Plan, StageEvent
 from cai.prompt_sets import PromptItem
-from cai.records import open_store, write_json_atomic
+from cai.records import STAGES_FILE, open_store, read_jsonl, read_stage_cache, write_json_atomic
 
 RUN_FILE = "run.json"
 
@@ -32,7 +34,11 @@ class Summary:
     written: int = 0
     flagged: int = 0
     flag_counts: dict[str, int] = field(default_factory=dict)
-    skipped: int = 0            # already in the folder with the same key
+    skipped: int = 0            # reused: already in the folder with the same key
+    regenerated: int = 0        # written for a prompt whose old record was superseded in this run
+    new: int = 0                # written for a prompt that had no record
+    calls: int = 0              # model calls made (one per stage per prompt)
+    cached_calls: int = 0       # stage outputs taken from the stage cache instead
     superseded: int = 0         # old records moved to superseded.jsonl (their key changed)
     too_long: int = 0           # left out with --skip-long (listed in errors.jsonl)
     failed: int = 0             # requests that failed for good (listed in errors.jsonl; tried again next run)
@@ -87,16 +93,37 @@ def check_run_folder(out: Path, constitution: Constitution, backend: Backend,
     return info, bool(problems)
 
 
-def run_generate(*, constitution: Constitution, items: list[PromptItem], backend: Backend, out: str | Path,
-                 rounds: int = 1, sampling=None, batch_size: int = 16, skip_long: bool = False,
-                 supersede_all: bool = False, progress: Progress | None = None,
-                 model_source: str | None = None, constitution_path: str | Path | None = None) -> Summary:
-    """``model_source`` is the model as the user named it (``default``, a folder, a hub id): later commands (``cai
-    data build``, ``cai train``) load the same model from it; ``constitution_path`` is kept for the same reason.
-    ``rounds=0`` answers the prompts only (helpfulness
-    data)."""
-    out = Path(out)
-    progress = progress or Progress()
+@dataclass
+class DryRun:
+    """What ``run_generate`` would do with the same arguments; nothing called, nothing written."""
+
+    planned: int = 0
+    reused: int = 0             # records already there with the same key
+    regenerate: int = 0         # prompts whose record would be superseded and generated again
+    new: int = 0                # prompts with no record yet
+    too_long: int = 0
+    calls: int = 0              # model calls the run would make
+    cached_calls: int = 0       # stage outputs the stage cache would give instead
+    prompt_tokens: int = 0      # estimated (see assumed_tokens)
+    completion_tokens: int = 0  # estimated: assumed_tokens per call
+    max_completion_tokens: int = 0   # the bound: max_new_tokens per call
+    assumed_tokens: int = 0     # length assumed for each output not yet known: the cache's mean, else max_new_tokens
+    out: str = ""
+
+
+@dataclass
+class _Prepared:
+    gen: Generator
+    plans: list[Plan]
+    long_issues: dict
+    sizes: dict[str, int]
+    info: dict | None
+    identity_changed: bool
+
+
+def _prepare(constitution: Constitution, items: list[PromptItem], backend: Backend, out: Path, rounds: int,
+             sampling, batch_size: int, skip_long: bool, supersede_all: bool) -> _Prepared:
+    """Every check that comes before the folder is touched (read-only)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     gen = Generator(constitution, backend, rounds=rounds, sampling=sampling)
@@ -109,18 +136,77 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
             hint="Lower --max-new-tokens, use a model with a longer context, or pass --skip-long to leave these "
                  "prompts out (they are listed in errors.jsonl).")
     info, identity_changed = check_run_folder(out, constitution, backend, supersede_all)
+    return _Prepared(gen, plans, long_issues, sizes, info, identity_changed)
+
+
+def dry_run(*, constitution: Constitution, items: list[PromptItem], backend: Backend, out: str | Path,
+            rounds: int = 1, sampling=None, batch_size: int = 16, skip_long: bool = False,
+            supersede_all: bool = False) -> DryRun:
+    """Count the calls and estimate the tokens of a run from the prompts, the settings and what the folder already
+    holds (records and stage cache). Reads the folder; calls and writes nothing."""
+    out = Path(out)
+    prep = _prepare(constitution, items, backend, out, rounds, sampling, batch_size, skip_long, supersede_all)
+    on_disk = {obj.get("id"): obj.get("prompt_id") for _, obj in read_jsonl(out / "records.jsonl")}
+    had_record = set(on_disk.values()) | _superseded_prompts(out)
+    reusable = set() if prep.identity_changed else set(on_disk)
+    cache = MemoryStageCache()
+    if (out / STAGES_FILE).exists():
+        cache.entries = read_stage_cache(out)
+    m = prep.gen.sampling.max_new_tokens
+    known = cache.entries.values()
+    assumed = round(sum(c.completion_tokens for c in known) / len(known)) if known else m
+
+    report = DryRun(planned=len(prep.plans), too_long=len(prep.long_issues), assumed_tokens=assumed, out=str(out))
+    for plan in prep.plans:
+        if plan.item.id in prep.long_issues:
+            continue
+        if plan.key in reusable:
+            report.reused += 1
+            continue
+        if plan.item.id in had_record:
+            report.regenerate += 1
+        else:
+            report.new += 1
+        est = prep.gen.estimate(plan, cache, assumed)
+        report.calls += est.calls
+        report.cached_calls += est.cached
+        report.prompt_tokens += est.prompt_tokens
+        report.completion_tokens += est.completion_tokens
+    report.max_completion_tokens = report.calls * m
+    return report
+
+
+def _superseded_prompts(out: Path) -> set[str]:
+    """Prompts with an old record in superseded.jsonl: generating them again counts as regenerating."""
+    return {obj.get("prompt_id") for _, obj in read_jsonl(out / "superseded.jsonl")}
+
+
+def run_generate(*, constitution: Constitution, items: list[PromptItem], backend: Backend, out: str | Path,
+                 rounds: int = 1, sampling=None, batch_size: int = 16, skip_long: bool = False,
+                 supersede_all: bool = False, progress: Progress | None = None,
+                 model_source: str | None = None, constitution_path: str | Path | None = None) -> Summary:
+    """``model_source`` is the model as the user named it (``default``, a folder, a hub id): later commands (``cai
+    data build``, ``cai train``) load the same model from it; ``constitution_path`` is kept for the same reason.
+    ``rounds=0`` answers the prompts only (helpfulness data)."""
+    out = Path(out)
+    progress = progress or Progress()
+    prep = _prepare(constitution, items, backend, out, rounds, sampling, batch_size, skip_long, supersede_all)
+    gen, plans, long_issues, sizes = prep.gen, prep.plans, prep.long_issues, prep.sizes
 
     summary = Summary(planned=len(plans), out=str(out))
     t0 = time.perf_counter()
     with open_store(out) as store:
         summary.torn_bytes = store.torn_bytes
-        if identity_changed:
+        superseded_prompts = _superseded_prompts(out)
+        if prep.identity_changed:
+            superseded_prompts |= {r["prompt_id"] for r in store.records.values()}
             summary.superseded += store.supersede(set(store.records))
         long_ids = set(long_issues)
         wanted = {p.item.id: p.key for p in plans if p.item.id not in long_ids}
         stale = {rid for rid, r in store.records.items() if r["prompt_id"] in wanted and wanted[r["prompt_id"]] != rid}
+        superseded_prompts |= {store.records[rid]["prompt_id"] for rid in stale}
         summary.superseded += store.supersede(stale)
-        _write_run_file(out, info, constitution, backend, gen, model_source, constitution_path)
+        _write_run_file(out, prep.info, constitution, backend, gen, model_source, constitution_path)
         for prompt_id, issue in long_issues.items():
             store.append_error({"prompt_id": prompt_id, "stage": "preflight", "reason": "context_length",
                                 "message": str(issue), "at": _now()})
@@ -136,6 +222,8 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
         def on_stage(event: StageEvent) -> None:
             summary.prompt_tokens += event.prompt_tokens
             summary.completion_tokens += event.completion_tokens
+            summary.calls += event.items - event.cached
+            summary.cached_calls += event.cached
             summary.seconds = time.perf_counter() - t0
             progress.stage(event)
 
@@ -146,9 +234,13 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
 
         for start in range(0, len(todo), batch_size):
             batch: list[Plan] = todo[start:start + batch_size]
-            records = gen.run_batch(batch, on_stage, on_error)
+            records = gen.run_batch(batch, on_stage, on_error, cache=store)
             summary.written += store.append(records)
             for r in records:
+                if r["prompt_id"] in superseded_prompts:
+                    summary.regenerated += 1
+                else:
+                    summary.new += 1
                 if r["flags"]:
                     summary.flagged += 1
                 for f in r["flags"]:

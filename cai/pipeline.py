@@ -4,6 +4,11 @@ For each prompt: the model answers; then, for each of ``rounds`` rounds, a princ
 each round while unused ones remain), the model critiques its current answer against it and revises the answer. Every
 stage runs over a whole batch of prompts in one backend call. Output checks flag answers that are empty, echo the
 prompt or the request, are cut off, or come back unchanged; flagged records are kept, with their flags.
+
+Stage cache: every call's output can be kept under a key of what produced it (model, sampling settings, seed, the
+exact messages). ``run_batch`` asks the cache first and sends only the misses to the backend, so after a principle
+edit the stages before the first round that drew it (and every stage of a record that never drew it) come back from
+the cache; only that round and the rounds after it are generated again.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from difflib import SequenceMatcher
-from typing import Callable
+from typing import Callable, Protocol
 
 from cai import __version__
 from cai.backends.base import Backend, Completion, Sampling
@@ -37,14 +42,44 @@ class Plan:
 
 @dataclass(frozen=True)
 class StageEvent:
-    """Reported after every backend call (one stage over one batch)."""
+    """Reported after every stage over a batch (one backend call, unless the cache answered every row)."""
 
     stage: str                # "respond", "critique" or "revise"
     round: int                # 0 for respond, else 1-based round
-    items: int
-    prompt_tokens: int
+    items: int                # rows of the stage, called or cached
+    prompt_tokens: int        # of the rows sent to the backend
     completion_tokens: int
     seconds: float
+    cached: int = 0           # rows answered by the stage cache (not sent)
+
+
+class StageCache(Protocol):
+    def get(self, key: str) -> Completion | None: ...
+
+    def put(self, entries: list[tuple[str, str, Completion]]) -> None:
+        """(key, stage, completion) of calls that succeeded."""
+        ...
+
+
+class MemoryStageCache:
+    def __init__(self) -> None:
+        self.entries: dict[str, Completion] = {}
+
+    def get(self, key: str) -> Completion | None:
+        return self.entries.get(key)
+
+    def put(self, entries: list[tuple[str, str, Completion]]) -> None:
+        self.entries.update((k, c) for k, _, c in entries if c.error is None)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What generating one record would take, from the stage cache and the prompts alone (nothing is called)."""
+
+    calls: int
+    cached: int
+    prompt_tokens: int        # exact for a stage whose inputs are known; earlier outputs assumed ``assumed`` tokens
+    completion_tokens: int    # ``assumed`` tokens per call
 
 
 def draw_principles(constitution: Constitution, prompt_id: str, seed: int, rounds: int) -> tuple[str, ...]:
@@ -78,6 +113,13 @@ def record_key(item: PromptItem, constitution: Constitution, principles: tuple[s
         "model_revision": backend.model_revision,
         "sampling": sampling.to_dict(),
     }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def stage_key(backend: Backend, sampling: Sampling, messages: list[Message]) -> str:
+    """What produced a stage's output: the model, the sampling settings (seed included) and the exact messages."""
+    material = {"model": backend.model, "model_revision": backend.model_revision, "sampling": sampling.to_dict(),
+                "messages": messages}
     return hashlib.sha256(json.dumps(material, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -166,10 +208,12 @@ class Generator:
         return issues, sizes
 
     def run_batch(self, plans: list[Plan], on_stage: Callable[[StageEvent], None] | None = None,
-                  on_error: Callable[[Plan, str, int, str], None] | None = None) -> list[dict]:
-        """Generate the records of a batch of prompts; each stage is one backend call over the whole batch. A prompt
-        whose request failed for good at some stage (``Completion.error``) is dropped from the later stages and
-        reported through ``on_error(plan, stage, round, message)``; it has no record."""
+                  on_error: Callable[[Plan, str, int, str], None] | None = None,
+                  cache: StageCache | None = None) -> list[dict]:
+        """Generate the records of a batch of prompts; each stage is one backend call over the rows of the batch
+        that ``cache`` cannot answer. A prompt whose request failed for good at some stage (``Completion.error``)
+        is dropped from the later stages and reported through ``on_error(plan, stage, round, message)``; it has no
+        record."""
         c, s = self.constitution, self.sampling
         convos = [p.item.messages for p in plans]
         usage = [{"prompt_tokens": 0, "completion_tokens": 0} for _ in plans]
@@ -181,13 +225,27 @@ class Generator:
             if not idx:
                 return {}
             t0 = time.perf_counter()
-            batch = [make(i) for i in idx]
-            out = self.backend.generate(batch, s, seed=(batch_seed + 1000 * rnd + len(stage)) % (2 ** 31))
-            if len(out) != len(batch):
-                raise RuntimeError(f"backend returned {len(out)} completions for {len(batch)} conversations")
+            messages = {i: make(i) for i in idx}
+            keys = {i: stage_key(self.backend, s, messages[i]) for i in idx} if cache is not None else {}
+            results: dict[int, Completion] = {}
+            for i in keys:
+                hit = cache.get(keys[i])  # type: ignore[union-attr]
+                if hit is not None:
+                    results[i] = hit
+            send = [i for i in idx if i not in results]
+            out: list[Completion] = []
+            if send:
+                out = self.backend.generate([messages[i] for i in send], s,
+                                            seed=(batch_seed + 1000 * rnd + len(stage)) % (2 ** 31))
+                if len(out) != len(send):
+                    raise RuntimeError(f"backend returned {len(out)} completions for {len(send)} conversations")
+                results.update(zip(send, out))
+                if cache is not None:
+                    cache.put([(keys[i], stage, comp) for i, comp in zip(send, out) if comp.error is None])
             done: dict[int, Completion] = {}
-            for i, comp in zip(idx, out):
-                usage[i]["prompt_tokens"] += comp.prompt_tokens
+            for i in idx:
+                comp = results[i]
+                usage[i]["prompt_tokens"] += comp.prompt_tokens       # a record's usage counts cached stages too
                 usage[i]["completion_tokens"] += comp.completion_tokens
                 if comp.error is not None:
                     failed.add(i)
@@ -196,8 +254,9 @@ class Generator:
                 else:
                     done[i] = comp
             if on_stage:
-                on_stage(StageEvent(stage, rnd, len(batch), sum(o.prompt_tokens for o in out),
-                                    sum(o.completion_tokens for o in out), time.perf_counter() - t0))
+                on_stage(StageEvent(stage, rnd, len(idx), sum(o.prompt_tokens for o in out),
+                                    sum(o.completion_tokens for o in out), time.perf_counter() - t0,
+                                    cached=len(idx) - len(send)))
             return done
 
         initial = call("respond", 0, lambda i: respond_messages(convos[i]))
@@ -220,6 +279,34 @@ class Generator:
                 answers[i] = rv.text
         return [self._record(p, initial[i].text, initial_flags[i], rounds[i], usage[i])
                 for i, p in enumerate(plans) if i not in failed]
+
+    def estimate(self, plan: Plan, cache: StageCache, assumed: int) -> Estimate:
+        """Walk one record's stages through the cache without calling anything: stages whose inputs are known and
+        cached cost nothing; from the first miss on, every stage is a call. A call's prompt is counted exactly
+        where its inputs are known, else with each unknown earlier output taken as ``assumed`` tokens."""
+        c, s, convo = self.constitution, self.sampling, plan.item.messages
+        calls = cached = prompt_tokens = 0
+        answer: str | None = None       # None once an output is unknown (it would be generated)
+        critique: str | None = None
+
+        def step(stage: str, messages: list[Message], unknown: int) -> str | None:
+            nonlocal calls, cached, prompt_tokens
+            if not unknown:
+                hit = cache.get(stage_key(self.backend, s, messages))
+                if hit is not None:
+                    cached += 1
+                    return hit.text
+            calls += 1
+            prompt_tokens += self.backend.count_tokens(messages) + unknown * assumed
+            return None
+
+        answer = step("respond", respond_messages(convo), 0)
+        for pid in plan.principles:
+            pr = c.principle(pid)
+            critique = step("critique", critique_messages(c, convo, answer or "", pr), int(answer is None))
+            answer = step("revise", revise_messages(c, convo, answer or "", pr, critique or ""),
+                          int(answer is None) + int(critique is None))
+        return Estimate(calls, cached, prompt_tokens, calls * assumed)
 
     def _record(self, plan: Plan, initial: str, initial_flags: list[str], rounds: list[dict], usage: dict) -> dict:
         c = self.constitution

@@ -8,6 +8,11 @@ lock file keeps two writers out of one folder.
 When a prompt's key changes (an edited principle it used, other sampling settings), the old record is moved to
 ``superseded.jsonl`` before the new one is generated: ``records.jsonl`` holds at most one record per prompt, and
 nothing finished is ever deleted.
+
+``stages.jsonl`` is the stage cache: one line per model call that succeeded, keyed by what produced it (model,
+sampling settings, seed and the exact messages sent; see ``pipeline.stage_key``), appended and fsynced after every
+stage call. A regenerated record reuses every stage whose inputs did not change, and a run killed mid-batch loses
+only the stage that was in flight. The file only saves calls: deleting it is always safe.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict
 
+from cai.backends.base import Completion
 from cai.errors import RunFolderError, display_path
 from cai.prompts import Message
 
@@ -92,6 +98,7 @@ class OpenStore:
     root: Path
     records: dict[str, dict] = field(default_factory=dict)     # id -> record, as on disk
     torn_bytes: int = 0          # size of a torn last line cut off on open (0 if none)
+    stages: dict[str, Completion] = field(default_factory=dict)   # the stage cache: stage key -> completion
     _lock: Any = None
 
     @property
@@ -107,6 +114,20 @@ class OpenStore:
         for r in fresh:
             self.records[r["id"]] = r
         return len(fresh)
+
+    def get(self, key: str) -> Completion | None:
+        """The stage cache's lookup (``pipeline.StageCache``)."""
+        return self.stages.get(key)
+
+    def put(self, entries: list[tuple[str, str, Completion]]) -> None:
+        """Add (key, stage, completion) entries to the stage cache: one write, then fsync. Failed requests are never
+        cached."""
+        fresh = [(k, stage, c) for k, stage, c in entries if c.error is None and k not in self.stages]
+        if not fresh:
+            return
+        _append_lines(self.root / STAGES_FILE, [_stage_line(k, stage, c) for k, stage, c in fresh])
+        for k, _, c in fresh:
+            self.stages[k] = c
 
     def append_error(self, entry: dict) -> None:
         _append_lines(self.root / "errors.jsonl", [entry])
@@ -154,9 +175,34 @@ def open_store(root: str | Path) -> Iterator[OpenStore]:
             if not isinstance(obj, dict) or "id" not in obj or "prompt_id" not in obj:
                 raise RunFolderError(f"{display_path(store.records_path)}:{n}: not a record (no id/prompt_id)")
             store.records.setdefault(obj["id"], obj)
+        _repair_tail(root / STAGES_FILE)
+        store.stages = read_stage_cache(root)
         yield store
     finally:
         store.close()
+
+
+STAGES_FILE = "stages.jsonl"
+
+
+def _stage_line(key: str, stage: str, c: Completion) -> dict:
+    return {"key": key, "stage": stage, "text": c.text, "finish_reason": c.finish_reason,
+            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
+
+
+def read_stage_cache(root: str | Path) -> dict[str, Completion]:
+    """The run folder's stage cache (read-only; a torn last line is skipped). A line that is not a cache entry is
+    an error naming it."""
+    path = Path(root) / STAGES_FILE
+    cache: dict[str, Completion] = {}
+    for n, obj in read_jsonl(path):
+        try:
+            cache[obj["key"]] = Completion(str(obj["text"]), int(obj["prompt_tokens"]),
+                                           int(obj["completion_tokens"]), str(obj["finish_reason"]))
+        except (KeyError, TypeError, ValueError):
+            raise RunFolderError(f"{display_path(path)}:{n}: not a stage cache entry",
+                                 hint=f"Delete {display_path(path)}: it only saves model calls.") from None
+    return cache
 
 
 def _repair_tail(path: Path) -> int:

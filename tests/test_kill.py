@@ -92,7 +92,7 @@ def test_kill_fake_backend_then_resume(tmp_path, kill_at, capsys):
     recs = _check_complete(out / "records.jsonl", [r["id"] for r in rows])
     assert all(r["final"] for r in recs)
     # the records finished before the kill were kept, not redone
-    assert "skipped (already done)" in capsys.readouterr().out
+    assert "reused (already done)" in capsys.readouterr().out
     # and a third run has nothing left to do
     before_bytes = (out / "records.jsonl").read_bytes()
     assert main(["generate", *args]) == 0

@@ -145,7 +145,9 @@ def test_editing_a_principle_supersedes_only_the_records_that_used_it(tmp_path):
     assert s.superseded == len(users)
     assert s.written == len(users)
     assert s.skipped == n - len(users)
-    assert sum(backend.batch_sizes) == len(users) * 5
+    # only the p3 round and the rounds after it call the model (the stage cache gives the rest)
+    assert sum(backend.batch_sizes) == s.calls < len(users) * 5
+    assert s.calls + s.cached_calls == len(users) * 5
 
     superseded = lines(out / "superseded.jsonl")
     assert {r["prompt_id"] for r in superseded} == users

@@ -9,12 +9,14 @@ __all__ = ["Backend", "Completion", "Sampling", "make_backend", "BACKENDS"]
 BACKENDS = ("local", "fake", "openai")
 
 
-def make_backend(kind: str, model: str | None = None, device: str | None = None, **options) -> Backend:
-    """``options`` go to the openai backend (base_urls, api_key_env, concurrency, timeout, max_retries)."""
+def make_backend(kind: str, model: str | None = None, device: str | None = None, weights: bool = True,
+                 **options) -> Backend:
+    """``options`` go to the openai backend (base_urls, api_key_env, concurrency, timeout, max_retries).
+    ``weights=False``: the local backend loads its tokenizer only (counting tokens for a dry run)."""
     if kind == "local":
         from cai.backends.local import LocalBackend
 
-        return LocalBackend(model, device=device)
+        return LocalBackend(model, device=device, weights=weights)
     if kind == "openai":
         from cai.backends.openai import OpenAIBackend
 

@@ -69,8 +69,10 @@ class LocalBackend:
     MAX_ENTRIES = 4       # cached prefixes kept (least recently used dropped)
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                 prefix_cache: bool = True):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                 prefix_cache: bool = True, weights: bool = True):
+        """``weights=False`` loads the tokenizer and config only: enough to count tokens (``cai generate
+        --dry-run``), not to generate."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         resolved = resolve_model(model)
         self.model = resolved.model_id
@@ -81,13 +83,17 @@ class LocalBackend:
             torch.bfloat16 if self.device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.revision)
-            self.lm = AutoModelForCausalLM.from_pretrained(resolved.path, revision=resolved.revision,
-                                                           dtype=torch_dtype)
+            if weights:
+                self.lm = AutoModelForCausalLM.from_pretrained(resolved.path, revision=resolved.revision,
+                                                               dtype=torch_dtype)
+                cfg = self.lm.config
+            else:
+                self.lm = None
+                cfg = AutoConfig.from_pretrained(resolved.path, revision=resolved.revision)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load model {model!r}: {str(e).splitlines()[0]}",
                              hint="Give a local folder written by save_pretrained, a Hugging Face id (needs the "
                                   "hub or its cache), or 'default' for the offline SmolLM2-135M-Instruct.") from None
-        self.lm.to(self.device).eval()
         if not self.tokenizer.chat_template:
             raise ModelError(f"model {self.model!r} has no chat template",
                              hint="Use an instruction-tuned (chat) model, or add a chat_template to its "
@@ -95,13 +101,16 @@ class LocalBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.eos_ids = self._eos_ids()
-        cfg = self.lm.config
         self.context_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self.prefix_cache = prefix_cache
-        self.shared_prefix = prefix_cache and self._use_shared_prefix_attention()
+        self.shared_prefix = False
         self._prefixes: OrderedDict[tuple[int, ...], object] = OrderedDict()   # token ids -> DynamicCache (batch 1)
         self.prefix_hits = 0      # rows that reused a cached prefix (for tests and benchmarks)
+        if self.lm is None:
+            return
+        self.lm.to(self.device).eval()
+        self.eos_ids = self._eos_ids()
+        self.shared_prefix = prefix_cache and self._use_shared_prefix_attention()
 
     def _use_shared_prefix_attention(self) -> bool:
         """Switch the model to shared-prefix attention (see prefix_attention.py) where it runs on SDPA; other
@@ -138,6 +147,8 @@ class LocalBackend:
     def generate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
         if not batch:
             return []
+        if self.lm is None:
+            raise RuntimeError("this backend was loaded without weights (weights=False): it counts tokens only")
         texts = [self.render(m) for m in batch]
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         lengths = [len(x) for x in ids]
