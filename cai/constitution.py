@@ -53,13 +53,27 @@ class Principle(_Strict):
 
 
 class Exemplar(_Strict):
-    """A worked few-shot example: a prompt, a flawed response, its critique and its revision."""
+    """A worked few-shot example: a prompt, a flawed response, its critique and its revision.
+
+    The requests the example shows are its own ``critique_request`` / ``revision_request`` when given; else those of
+    the principle it names (so editing that principle changes every critique and revise prompt); else those of the
+    principle drawn for the round."""
 
     prompt: Text
     response: Text
     critique: Text
     revision: Text
     principle: str | None = None
+    critique_request: Text | None = None
+    revision_request: Text | None = None
+
+    def canonical(self) -> dict:
+        """The content as hashed: the optional requests only when set, so older files keep their hashes."""
+        data = self.model_dump(mode="json")
+        for key in ("critique_request", "revision_request"):
+            if data[key] is None:
+                del data[key]
+        return data
 
 
 class Constitution(_Strict):
@@ -79,7 +93,7 @@ class Constitution(_Strict):
 
     @property
     def sha256(self) -> str:
-        return _sha256(self.model_dump(mode="json"))
+        return _sha256(self.model_dump(mode="json") | {"exemplars": [e.canonical() for e in self.exemplars]})
 
     @property
     def principle_sha256(self) -> dict[str, str]:
@@ -333,8 +347,10 @@ def import_hf(path: str | Path, name: str | None = None) -> Constitution:
             issues.append(Issue(f"roles must alternate user/assistant, got {roles}", shown, None, where))
             continue
         texts = [m["content"] for m in convo]
+        # the example keeps its own requests, word for word: editing a principle later does not change it
         exemplars.append({"prompt": texts[0], "response": texts[1], "critique": texts[3], "revision": texts[5],
-                          "principle": by_text.get(texts[2].strip())})
+                          "principle": by_text.get(texts[2].strip()), "critique_request": texts[2],
+                          "revision_request": texts[4]})
     if issues:
         raise ConstitutionError(f"cannot import {shown}", issues)
     return _validated({"name": _import_name(path, name), "version": "1",

@@ -57,9 +57,9 @@ def _exemplar(ex: Exemplar, p: Principle) -> list[Message]:
     return [
         {"role": "user", "content": ex.prompt},
         {"role": "assistant", "content": ex.response},
-        {"role": "user", "content": p.critique},
+        {"role": "user", "content": ex.critique_request or p.critique},
         {"role": "assistant", "content": ex.critique},
-        {"role": "user", "content": p.revision},
+        {"role": "user", "content": ex.revision_request or p.revision},
         {"role": "assistant", "content": ex.revision},
     ]
 
@@ -82,9 +82,15 @@ def revise_messages(constitution: Constitution, conversation: list[Message], ans
 
 
 def frame_sha256(constitution: Constitution) -> str:
-    """Hash of everything around the principles that shapes the prompts: the system prompt, the exemplars and the
-    prompt layout. Part of every record key, so a changed exemplar invalidates records while a changed principle
-    invalidates only the records that drew it."""
+    """Hash of everything around the drawn principles that shapes the prompts: the system prompt, the exemplars, the
+    requests of the principles that exemplars name without requests of their own (such an exemplar shows them in
+    every critique and revise prompt) and the prompt layout. Part of every record key, so a changed exemplar (or a principle an
+    exemplar names) invalidates every record, while any other changed principle invalidates only the records that
+    drew it."""
+    shown = {e.principle: constitution.principle(e.principle) for e in constitution.exemplars
+             if e.principle and not (e.critique_request and e.revision_request)}
     frame = {"format": PROMPT_FORMAT, "system_prompt": constitution.system_prompt,
-             "exemplars": [e.model_dump(mode="json") for e in constitution.exemplars]}
+             "exemplars": [e.canonical() for e in constitution.exemplars]}
+    if shown:
+        frame["exemplar_requests"] = {pid: [p.critique, p.revision] for pid, p in sorted(shown.items())}
     return hashlib.sha256(json.dumps(frame, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

@@ -104,6 +104,21 @@ def test_import_hf_exemplar_with_unknown_request_has_no_principle(tmp_path):
     c = import_hf(path)
     assert c.exemplars[0].principle is None
     assert c.exemplars[1].principle is not None
+    # the exemplar shows the source's requests word for word, matched or not
+    assert c.exemplars[0].critique_request == "A critique request matching no principle."
+    assert [e.revision_request for e in c.exemplars] == [chat[4]["content"] for chat in data["system_chat"]]
+
+
+def test_import_hf_prompts_show_the_sources_few_shot_turns(tmp_path):
+    from cai.prompts import critique_messages
+
+    data = hf_data()
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(data))
+    c = import_hf(path)
+    msgs = critique_messages(c, [{"role": "user", "content": "hi"}], "answer", c.principles[-1])
+    shots = [m["content"] for m in msgs if m["role"] != "system"][:6 * len(data["system_chat"])]
+    assert shots == [m["content"] for chat in data["system_chat"] for m in chat]
 
 
 def test_import_anthropic_function(anthropic_file):

@@ -155,6 +155,15 @@ def test_editing_an_exemplar_or_system_prompt_changes_every_key():
     assert all(base[i][0] != sp[i][0] for i in base)
 
 
+def test_editing_a_principle_an_exemplar_names_changes_every_key():
+    # the first exemplar names p1: every critique and revise prompt shows p1's requests, whatever was drawn
+    base = _keys(make_constitution(6))
+    edited = _keys(make_constitution(6, critique={"p1": "An edited critique for p1."}))
+    assert any("p1" not in principles for _, principles in base.values())
+    assert all(base[i][0] != edited[i][0] for i in base)
+    assert all(base[i][1] == edited[i][1] for i in base)          # the draws still do not move
+
+
 def test_editing_tags_or_weight_of_a_used_principle_keeps_keys_if_draws_are_unchanged():
     base = _keys(make_constitution(4))
     from cai.constitution import parse_constitution

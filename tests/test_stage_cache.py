@@ -11,6 +11,7 @@ import pytest
 from cai.backends.base import Completion, Sampling
 from cai.backends.fake import FakeBackend
 from cai.cli import main
+from cai.constitution import parse_constitution
 from cai.errors import RunFolderError
 from cai.generate import dry_run, run_generate
 from cai.records import STAGES_FILE, read_records
@@ -78,6 +79,33 @@ def test_an_edit_regenerates_only_the_rounds_that_drew_the_principle(tmp_path):
     assert all(EDITED in m[-1]["content"] or m[-1]["content"] != base.principle("p7").critique
                for m in backend.sent)
     assert sum(EDITED in m[-1]["content"] for m in backend.sent) == len(users)   # one p7 critique per user
+
+
+def test_editing_a_principle_an_exemplar_shows_regenerates_every_round_but_not_the_answers(tmp_path):
+    # the first exemplar names p1, so p1's requests are in every critique and revise prompt
+    out = tmp_path / "run"
+    first = _run(out, make_constitution(16), CountingBackend(), n=16)
+    backend = CountingBackend()
+    again = _run(out, make_constitution(16, critique={"p1": "An edited critique for p1."}), backend, n=16)
+    assert (again.regenerated, again.skipped) == (16, 0)
+    assert (again.calls, again.cached_calls) == (16 * 4, 16)     # every round; the initial answers are reused
+    assert first.calls == 16 * 5
+    assert all(len(m) > 1 for m in backend.sent)                   # no respond stage (one user turn) was sent
+
+
+def test_an_exemplar_with_its_own_requests_does_not_tie_prompts_to_its_principle(tmp_path):
+    def constitution(p1_critique: str):
+        text = constitution_yaml(16, critique={"p1": p1_critique}).replace(
+            "  - principle: p1\n", "  - principle: p1\n    critique_request: Look again.\n"
+                                   "    revision_request: Do better.\n")
+        return parse_constitution(text, "<test>")
+
+    out = tmp_path / "run"
+    _run(out, constitution("Critique request number 1: find problem 1."), CountingBackend())
+    before = _by_prompt(out)
+    again = _run(out, constitution(EDITED), CountingBackend())
+    users = {pid for pid, r in before.items() if any(rd["principle"] == "p1" for rd in r["rounds"])}
+    assert users and (again.regenerated, again.skipped) == (len(users), 64 - len(users))
 
 
 def test_principle_draws_do_not_move_when_a_text_is_edited(tmp_path):
