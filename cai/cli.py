@@ -105,6 +105,13 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    help="keep texts with this flag (empty, echo, truncated, unchanged); repeatable")
     p.add_argument("--seed", type=int, default=0, help="seeds the split and the helpful prompts' order")
     p.add_argument("--device", help="torch device for answering the helpful prompts (default: cuda if available)")
+    p.add_argument("--base-url", action="append", default=[], metavar="URL",
+                   help="a run made with --backend openai: the endpoints that answer the helpful prompts (default: "
+                        "the run's own, from run.json); repeatable")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="a run made with --backend openai: the variable holding the API key (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=64,
+                   help="a run made with --backend openai: requests in flight (default: %(default)s)")
 
 
 def _generate_args(p: argparse.ArgumentParser, demo: bool) -> None:
@@ -268,7 +275,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return rc
     data = argparse.Namespace(run=args.out, helpful_mix=DEMO["helpful_mix"], helpful_prompts=
                               "data/prompts/helpful.jsonl", test_size=0.1, all_rounds=False,
-                              allow_flag=list(DEMO["allow_flags"]), seed=args.seed, device=args.device)
+                              allow_flag=list(DEMO["allow_flags"]), seed=args.seed, device=args.device,
+                              base_url=args.base_url, api_key_env=args.api_key_env, concurrency=args.concurrency)
     cmd_data_build(data)
     # short and CPU-friendly: padding-free batches (same loss, ~1.4x the tokens/s of padded ones on this CPU: see
     # bench/README.md), no activation checkpointing (memory is not the constraint on a CPU)
@@ -298,13 +306,22 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         def make(kind: str, model: str):
             from cai.backends import make_backend
 
+            options = {}
+            if kind == "openai":
+                urls = args.base_url or info.get("base_urls") or []
+                if not urls:
+                    raise CaiError(f"{display_path(args.run)} was generated with --backend openai and its run.json "
+                                   "names no endpoint to answer the helpfulness prompts",
+                                   hint="Pass --base-url URL (repeatable), or build with --helpful-mix 0.")
+                options = {"base_urls": urls, "api_key_env": args.api_key_env, "concurrency": args.concurrency}
             _quiet_libraries()
             with err.status(f"loading model {model} to answer the helpfulness prompts ..."):
-                return make_backend(kind, model, device=args.device)
+                return make_backend(kind, model, device=args.device, **options)
 
         progress, bar = _progress_bar(err, "helpful answers")
         with bar:
-            source = helpful_from_run(args.run, info, args.helpful_prompts, args.seed, make, progress=progress)
+            source = helpful_from_run(args.run, info, args.helpful_prompts, args.seed, make, progress=progress,
+                                      batch_size=args.concurrency if info.get("backend") == "openai" else 16)
             card = build_datasets(args.run, opts, source)
     else:
         card = build_datasets(args.run, opts)

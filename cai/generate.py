@@ -263,6 +263,8 @@ def _write_run_file(out: Path, info: dict | None, c: Constitution, backend: Back
         "model_source": model_source or (info or {}).get("model_source"),
         "model_revision": backend.model_revision,
         "backend": backend.name,
+        # the endpoints of an openai-backend run, so `cai data build --helpful-mix` can answer with the same ones
+        "base_urls": list(getattr(backend, "base_urls", None) or []) or None,
         "rounds": gen.rounds,
         "sampling": gen.sampling.to_dict(),
         "created_at": (info or {}).get("created_at") or _now(),
