@@ -6,26 +6,49 @@ contains ``match`` (any request when None). Kinds: ``429`` (with ``Retry-After``
 (a body that is not JSON), ``empty`` (an empty choice list), ``length`` (a truncated answer: finish_reason
 "length"), ``hang`` (answer only after ``hang_s``), ``drop`` (close the connection without answering). ``api_key``
 makes every request without ``Authorization: Bearer <api_key>`` a 401. ``delay`` delays every answer (benchmarks).
+``slots`` models a server's limited capacity: at most ``slots`` answers are being worked on at once (``delay`` is
+spent holding a slot), later requests wait their turn; None (the default) answers every request at once.
+``kill()`` is a crash: it stops listening and cuts every open connection, requests in flight included.
+
+Run as a script it serves until its stdin closes (so it dies with the process that started it), printing its URL:
+
+    python tests/fault_server.py --delay 0.2 --slots 4
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    # the standard library listens with a backlog of 5: a client opening dozens of connections at once overflows it
+    # and some connections are reset; real servers listen with hundreds or thousands
+    request_queue_size = 1024
+
+
 class FaultServer:
     def __init__(self, delay: float = 0.0, api_key: str | None = None, hang_s: float = 5.0,
-                 retry_after: str = "0.2"):
+                 retry_after: str = "0.2", slots: int | None = None, port: int = 0):
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
         self.delay, self.api_key, self.hang_s, self.retry_after = delay, api_key, hang_s, retry_after
+        self.slots = slots
+        self._slots = threading.BoundedSemaphore(slots) if slots else None
         self.faults: list[list] = []          # [kind, remaining, match]
         self.requests = 0
         self.answered = 0
+        self.busy = 0                         # answers being worked on now (holding a slot, when slots is set)
+        self.peak_busy = 0
         self.log: list[tuple[str, str]] = []  # (last user message, what was done)
         self.lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,10 +57,20 @@ class FaultServer:
             def log_message(self, *args):
                 pass
 
+            def setup(self):
+                super().setup()
+                with server.lock:
+                    server._conns.add(self.connection)
+
+            def finish(self):
+                with server.lock:
+                    server._conns.discard(self.connection)
+                super().finish()
+
             def do_POST(self):
                 server._handle(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -51,8 +84,20 @@ class FaultServer:
             self.faults.append([kind, times, match])
 
     def close(self) -> None:
+        """Stop listening; connections already open (keep-alive) are still answered until the client drops them."""
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def kill(self) -> None:
+        """A crash: stop listening and cut every open connection, so requests in flight get no answer."""
+        self.close()
+        with self.lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _take(self, last_user: str) -> str | None:
         with self.lock:
@@ -92,13 +137,23 @@ class FaultServer:
             return self._send_raw(h, 200, b"<html>not json", "text/html")
         if kind == "empty":
             return self._send(h, 200, {"id": "x", "object": "chat.completion", "choices": []})
-        if self.delay:
-            time.sleep(self.delay)
-        digest = hashlib.sha256(json.dumps(req["messages"]).encode()).hexdigest()[:10]
-        text = f"Answer {digest} to: {last_user[:40]}"
-        finish = "length" if kind == "length" else "stop"
-        with self.lock:
-            self.answered += 1
+        if self._slots:
+            self._slots.acquire()            # wait for a free slot, as a server at capacity queues requests
+        try:
+            with self.lock:
+                self.busy += 1
+                self.peak_busy = max(self.peak_busy, self.busy)
+            if self.delay:
+                time.sleep(self.delay)
+            digest = hashlib.sha256(json.dumps(req["messages"]).encode()).hexdigest()[:10]
+            text = f"Answer {digest} to: {last_user[:40]}"
+            finish = "length" if kind == "length" else "stop"
+            with self.lock:
+                self.answered += 1
+                self.busy -= 1
+        finally:
+            if self._slots:
+                self._slots.release()
         self._send(h, 200, {"id": "c" + digest, "object": "chat.completion", "model": req.get("model"),
                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                          "finish_reason": finish}],
@@ -120,3 +175,22 @@ class FaultServer:
             h.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Serve a FaultServer until stdin closes; print its URL on stdout.")
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds each answer takes (holding a slot)")
+    ap.add_argument("--slots", type=int, default=None, help="answers worked on at once (default: unlimited)")
+    ap.add_argument("--port", type=int, default=0, help="default: a free port")
+    args = ap.parse_args()
+    server = FaultServer(delay=args.delay, slots=args.slots, port=args.port)
+    print(server.url, flush=True)
+    try:
+        sys.stdin.read()                     # EOF when the parent closes the pipe or dies
+    except KeyboardInterrupt:
+        pass
+    server.close()
+
+
+if __name__ == "__main__":
+    main()

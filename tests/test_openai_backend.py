@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
 from cai.backends.base import Sampling
 from cai.backends.openai import AuthError, EndpointError, OpenAIBackend
+from cai.cli import main
 from cai.generate import run_generate
 from cai.records import read_jsonl, read_records
-from conftest import items_from, make_constitution, prompt_rows
+from conftest import REPO, constitution_yaml, items_from, make_constitution, prompt_rows, subprocess_env, write_prompts
 from fault_server import FaultServer
 
 FAST = dict(backoff_base=0.01, backoff_max=0.5, timeout=2.0, first_cooldown=0.3)
@@ -207,5 +211,144 @@ def test_cli_wrong_key_exits_2_with_a_clear_message(tmp_path, monkeypatch, capsy
         err = capsys.readouterr().err
         assert rc == 2 and "refused the API key" in err and "Traceback" not in err
         assert s.requests == 1
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `cai generate --backend openai` as a real process: kill -9 mid-run, an endpoint crashing mid-run
+
+
+def _cli_args(tmp_path, urls: list[str], n_prompts: int = 40) -> tuple[list[str], list[dict]]:
+    rows = prompt_rows(n_prompts)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
+    constitution = tmp_path / "small.yaml"
+    constitution.write_text(constitution_yaml(4))
+    args = ["generate", "--backend", "openai", *(x for u in urls for x in ("--base-url", u)), "--model", "m",
+            "--constitution", str(constitution), "--prompts", str(prompts), "--out", str(tmp_path / "run"),
+            "--rounds", "1", "--concurrency", "4", "--batch-size", "4", "--max-new-tokens", "16",
+            "--request-timeout", "5"]
+    return args, rows
+
+
+def _start_cli(args: list[str], cwd) -> subprocess.Popen:
+    # output goes to a file, not a pipe: a pipe nobody reads could fill up and stall the run
+    with open(cwd / "generate.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "cai.cli", *args], cwd=REPO, env=subprocess_env(),
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for_records(proc: subprocess.Popen, records, at_least: int, timeout: float = 120.0) -> int:
+    """Poll until records.jsonl has at least ``at_least`` complete lines (the process still running); returns it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = records.read_bytes().count(b"\n") if records.exists() else 0
+        if n >= at_least:
+            return n
+        if proc.poll() is not None:
+            log = (records.parent.parent / "generate.log").read_text(errors="replace")
+            pytest.fail(f"cai generate exited (rc {proc.returncode}) with {n} records, before {at_least}:\n"
+                        f"{log[-3000:]}")
+        time.sleep(0.01)
+    pytest.fail(f"no {at_least} records within {timeout}s")
+
+
+def _check_complete(run_dir, rows: list[dict]) -> list:
+    recs = read_records(run_dir)                      # every line parses as a record
+    assert (run_dir / "records.jsonl").read_bytes().endswith(b"\n")
+    assert len({r.id for r in recs}) == len(recs), "a record was written twice"
+    assert sorted(r.prompt_id for r in recs) == sorted(r["id"] for r in rows), "a prompt is missing or doubled"
+    return recs
+
+
+def test_cli_kill_9_mid_run_then_resume(tmp_path, capsys):
+    server = FaultServer(delay=0.05)
+    proc = None
+    try:
+        args, rows = _cli_args(tmp_path, [server.url])
+        records = tmp_path / "run" / "records.jsonl"
+        proc = _start_cli(args, tmp_path)
+        _wait_for_records(proc, records, 8)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        before = {r.prompt_id for r in read_records(tmp_path / "run")}   # a torn last line would be skipped
+        assert 8 <= len(before) < len(rows), "the kill must land mid-run"
+
+        with server.lock:
+            server.log.clear()
+        rc = main(args)                               # the same command again, to completion
+        assert rc == 0, capsys.readouterr().err
+        recs = _check_complete(tmp_path / "run", rows)
+        assert len(recs) == len(rows)
+        assert all(r.final for r in recs)
+        # the records finished before the kill were kept, not asked for again (a prompt whose answer was done but
+        # whose record was not may come from the stage cache: not necessarily asked again either)
+        texts = {r["prompt"]: r["id"] for r in rows}
+        asked = {texts[u] for u, _ in server.log if u in texts}
+        assert asked and not asked & before
+        assert "already done" in capsys.readouterr().out
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.close()
+
+
+@pytest.mark.parametrize("retries", [None, 0])
+def test_cli_one_of_two_endpoints_crashing_mid_run_loses_nothing(tmp_path, capsys, retries):
+    """With retries (the default) the run rides over the crash; with none, the requests that went to the crashed
+    endpoint before it was taken out of rotation fail for good: listed in errors.jsonl, done by the next run."""
+    a, b = FaultServer(delay=0.05), FaultServer(delay=0.05)
+    proc = None
+    try:
+        args, rows = _cli_args(tmp_path, [a.url, b.url])
+        run_dir = tmp_path / "run"
+        proc = _start_cli(args + ([] if retries is None else ["--max-retries", str(retries)]), tmp_path)
+        at_crash = _wait_for_records(proc, run_dir / "records.jsonl", 8)
+        answered_a = a.answered
+        a.kill()                                      # a crash: requests in flight on a are cut off too
+        assert proc.wait(timeout=120) == 0, (tmp_path / "generate.log").read_text(errors="replace")[-3000:]
+        assert answered_a > 0 and at_crash < len(rows), "the crash must land mid-run, after a had served"
+
+        # every prompt has exactly one record, or (a request that failed for good) is listed in errors.jsonl
+        recs = read_records(run_dir)
+        assert len({r.id for r in recs}) == len(recs), "a record was written twice"
+        written = [r.prompt_id for r in recs]
+        assert len(written) == len(set(written))
+        failed = {e["prompt_id"] for _, e in read_jsonl(run_dir / "errors.jsonl")}
+        assert not failed & set(written)
+        assert set(written) | failed == {r["id"] for r in rows}
+        assert b.answered > 0
+        if retries == 0:
+            assert failed, "with no retries, the requests sent to the crashed endpoint must fail"
+
+        # a second run (a still down) completes whatever is left and rewrites nothing
+        before = (run_dir / "records.jsonl").read_bytes()
+        assert main(args) == 0, capsys.readouterr().err
+        assert (run_dir / "records.jsonl").read_bytes().startswith(before)
+        recs = _check_complete(run_dir, rows)
+        assert len(recs) == len(rows)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("slots", [2, None])
+def test_slots_cap_the_answers_in_progress(slots):
+    s = FaultServer(delay=0.1, slots=slots)
+    try:
+        t0 = time.perf_counter()
+        out = ask(backend(s.url, concurrency=8), [f"q{i}" for i in range(9)])
+        elapsed = time.perf_counter() - t0
+        assert all(o.error is None for o in out) and s.answered == 9
+        if slots:
+            assert s.peak_busy == 2
+            assert elapsed >= 0.1 + 4 * 0.1 - 0.03     # the first request alone, then 8 more two at a time
+        else:
+            assert s.peak_busy >= 3                    # no cap: the 8 after the first are answered together
     finally:
         s.close()
