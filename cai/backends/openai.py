@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import email.utils
 import logging
 import os
@@ -62,6 +63,7 @@ class Endpoint:
     cooldown: float = 0.0
     served: int = 0               # successful requests (for the summary and tests)
     errors: int = 0
+    probing: bool = False         # back from a cool-down: one request at a time until one succeeds
 
 
 @dataclass
@@ -90,6 +92,8 @@ class OpenAIBackend:
         self.endpoints = [Endpoint(u.rstrip("/")) for u in self.base_urls]
         self._api_key = os.environ.get(self.api_key_env) or None
         self._verified = False
+        self._loop: asyncio.AbstractEventLoop | None = None     # one loop and one client for the backend's life:
+        self._client = None                                      # connections are reused from stage to stage
 
     # -- the Backend protocol ------------------------------------------------------------------------------------
 
@@ -98,32 +102,52 @@ class OpenAIBackend:
         return sum(len(m["content"]) // 4 + 4 for m in messages)
 
     def generate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
-        return asyncio.run(self.agenerate(batch, sampling, seed))
+        """Runs on the backend's own event loop (a daemon thread), so the HTTP client and its open connections
+        live from one stage call to the next instead of being set up again for every stage."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="cai-openai", daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(self.agenerate(batch, sampling, seed), self._loop).result()
 
-    async def agenerate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        if self._client is not None:
+            asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(timeout=5)
+            self._client = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop = None
+
+    def _http(self):
         import httpx
 
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        sem = asyncio.Semaphore(self.concurrency)
-        async with httpx.AsyncClient(limits=limits, headers=headers, timeout=self.timeout) as client:
-            async def one(i: int, messages: list[Message]) -> Completion:
-                async with sem:
-                    return await self._request(client, messages, sampling, seed + i)
+        if self._client is None:
+            limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            self._client = httpx.AsyncClient(limits=limits, headers=headers, timeout=self.timeout)
+        return self._client
 
-            first: list[Completion] = []
-            if not self._verified and batch:
-                # the first request goes alone: a wrong key or URL costs one request, not `concurrency` of them
-                first = [await one(0, batch[0])]
-                self._verified = first[0].error is None
-            tasks = [asyncio.create_task(one(i, m)) for i, m in enumerate(batch) if i >= len(first)]
-            try:
-                return first + list(await asyncio.gather(*tasks))
-            except (AuthError, EndpointError):
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+    async def agenerate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
+        client = self._http()
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def one(i: int, messages: list[Message]) -> Completion:
+            async with sem:
+                return await self._request(client, messages, sampling, seed + i)
+
+        first: list[Completion] = []
+        if not self._verified and batch:
+            # the first request goes alone: a wrong key or URL costs one request, not `concurrency` of them
+            first = [await one(0, batch[0])]
+            self._verified = first[0].error is None
+        tasks = [asyncio.create_task(one(i, m)) for i, m in enumerate(batch) if i >= len(first)]
+        try:
+            return first + list(await asyncio.gather(*tasks))
+        except (AuthError, EndpointError):
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     # -- one request, with retries --------------------------------------------------------------------------------
 
@@ -151,7 +175,7 @@ class OpenAIBackend:
                 continue
             finally:
                 ep.outstanding -= 1
-            ep.failures, ep.cooldown = 0, 0.0
+            ep.failures, ep.cooldown, ep.probing = 0, 0.0, False
             ep.served += 1
             return comp
         return Completion("", 0, 0, "error", error=f"gave up after {self.max_retries + 1} attempts: {reason}")
@@ -195,14 +219,18 @@ class OpenAIBackend:
     async def _pick(self) -> Endpoint:
         while True:
             now = time.monotonic()
-            up = [e for e in self.endpoints if e.down_until <= now]
+            # an endpoint back from a cool-down takes one probe at a time until one succeeds: a dead endpoint
+            # that refuses at once (0 outstanding) would otherwise draw every request again
+            up = [e for e in self.endpoints if e.down_until <= now and not (e.probing and e.outstanding)]
             if up:
-                return min(up, key=lambda e: (e.outstanding, e.served))
-            await asyncio.sleep(max(0.01, min(e.down_until for e in self.endpoints) - now))
+                return min(up, key=lambda e: (e.probing, e.outstanding, e.served))
+            waits = [e.down_until - now for e in self.endpoints if e.down_until > now]
+            await asyncio.sleep(max(0.01, min(waits) if waits else 0.05))
 
     def _failed(self, ep: Endpoint) -> None:
         ep.failures += 1
-        if ep.failures >= self.trip_after:
+        if ep.failures >= self.trip_after or ep.probing:     # a failed probe goes straight back to cool-down
+            ep.probing = True
             ep.cooldown = min(self.max_cooldown, ep.cooldown * 2 if ep.cooldown else self.first_cooldown)
             ep.down_until = time.monotonic() + ep.cooldown
             ep.failures = 0
