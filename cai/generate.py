@@ -232,9 +232,7 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
             store.append_error({"prompt_id": plan.item.id, "key": plan.key, "stage": stage, "round": rnd,
                                 "reason": "request_failed", "message": message, "at": _now()})
 
-        for start in range(0, len(todo), batch_size):
-            batch: list[Plan] = todo[start:start + batch_size]
-            records = gen.run_batch(batch, on_stage, on_error, cache=store)
+        def on_records(records: list[dict]) -> None:
             summary.written += store.append(records)
             for r in records:
                 if r["prompt_id"] in superseded_prompts:
@@ -245,6 +243,8 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
                     summary.flagged += 1
                 for f in r["flags"]:
                     summary.flag_counts[f] = summary.flag_counts.get(f, 0) + 1
+
+        gen.run_stream(todo, on_records, window=batch_size, on_stage=on_stage, on_error=on_error, cache=store)
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from difflib import SequenceMatcher
-from typing import Callable, Protocol
+from typing import Any, Callable, Coroutine, Generator as Gen, Protocol, runtime_checkable
 
 from cai import __version__
 from cai.backends.base import Backend, Completion, Sampling
@@ -59,6 +59,17 @@ class StageCache(Protocol):
     def put(self, entries: list[tuple[str, str, Completion]]) -> None:
         """(key, stage, completion) of calls that succeeded."""
         ...
+
+
+@runtime_checkable
+class AsyncBackend(Protocol):
+    """A backend that completes one request at a time, concurrently (the openai backend)."""
+
+    def run(self, coro: Coroutine) -> Any:
+        """Run a coroutine on the backend's own event loop, from a plain thread; return its result."""
+        ...
+
+    async def acomplete(self, messages: list[Message], sampling: Sampling, seed: int) -> Completion: ...
 
 
 class MemoryStageCache:
@@ -207,78 +218,163 @@ class Generator:
                     file or None, int(line) if line.isdigit() else None)
         return issues, sizes
 
+    def _chain(self, plan: Plan) -> Gen[tuple[str, int, list[Message]], Completion, dict]:
+        """One record's stages, in order: yields (stage, round, messages) for each model call and receives its
+        completion; returns the record. Both drivers below run this, so the stages exist once."""
+        c, convo = self.constitution, plan.item.messages
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+
+        def count(comp: Completion) -> Completion:
+            usage["prompt_tokens"] += comp.prompt_tokens          # a record's usage counts cached stages too
+            usage["completion_tokens"] += comp.completion_tokens
+            return comp
+
+        first = count((yield "respond", 0, respond_messages(convo)))
+        initial_flags = check_output(first, [plan.item.last_user])
+        answer = first.text
+        rounds: list[dict] = []
+        for r, pid in enumerate(plan.principles, start=1):
+            pr = c.principle(pid)
+            cr = count((yield "critique", r, critique_messages(c, convo, answer, pr)))
+            rv = count((yield "revise", r, revise_messages(c, convo, answer, pr, cr.text)))
+            # critique problems are kept on the round, prefixed; the revision's own flags reach the record
+            flags = ["critique_" + f for f in check_output(cr, [pr.critique])]
+            flags += check_output(rv, [pr.revision, pr.critique, cr.text, plan.item.last_user], previous=answer)
+            rounds.append({"principle": pr.id, "principle_sha256": pr.sha256, "critique": cr.text,
+                           "revision": rv.text, "flags": flags})
+            answer = rv.text
+        return self._record(plan, first.text, initial_flags, rounds, usage)
+
     def run_batch(self, plans: list[Plan], on_stage: Callable[[StageEvent], None] | None = None,
                   on_error: Callable[[Plan, str, int, str], None] | None = None,
                   cache: StageCache | None = None) -> list[dict]:
-        """Generate the records of a batch of prompts; each stage is one backend call over the rows of the batch
-        that ``cache`` cannot answer. A prompt whose request failed for good at some stage (``Completion.error``)
-        is dropped from the later stages and reported through ``on_error(plan, stage, round, message)``; it has no
-        record."""
-        c, s = self.constitution, self.sampling
-        convos = [p.item.messages for p in plans]
-        usage = [{"prompt_tokens": 0, "completion_tokens": 0} for _ in plans]
+        """Generate the records of a batch of prompts in lockstep: each stage is one backend call over the rows of
+        the batch that ``cache`` cannot answer. A prompt whose request failed for good at some stage
+        (``Completion.error``) is dropped from the later stages and reported through ``on_error(plan, stage,
+        round, message)``; it has no record."""
+        s = self.sampling
         batch_seed = int(hashlib.sha256((str(s.seed) + "".join(p.key for p in plans)).encode()).hexdigest()[:8], 16)
-        failed: set[int] = set()
-
-        def call(stage: str, rnd: int, make: Callable[[int], list[Message]]) -> dict[int, Completion]:
-            idx = [i for i in range(len(plans)) if i not in failed]
-            if not idx:
-                return {}
+        chains = {i: self._chain(p) for i, p in enumerate(plans)}
+        asks = {i: next(g) for i, g in chains.items()}
+        records: dict[int, dict] = {}
+        while asks:
+            stage, rnd, _ = next(iter(asks.values()))    # every chain has the same stages: they move together
             t0 = time.perf_counter()
-            messages = {i: make(i) for i in idx}
-            keys = {i: stage_key(self.backend, s, messages[i]) for i in idx} if cache is not None else {}
-            results: dict[int, Completion] = {}
-            for i in keys:
-                hit = cache.get(keys[i])  # type: ignore[union-attr]
-                if hit is not None:
-                    results[i] = hit
-            send = [i for i in idx if i not in results]
+            keys = {i: stage_key(self.backend, s, m) for i, (_, _, m) in asks.items()} if cache is not None else {}
+            results = {i: hit for i in keys if (hit := cache.get(keys[i])) is not None}  # type: ignore[union-attr]
+            send = [i for i in asks if i not in results]
             out: list[Completion] = []
             if send:
-                out = self.backend.generate([messages[i] for i in send], s,
+                out = self.backend.generate([asks[i][2] for i in send], s,
                                             seed=(batch_seed + 1000 * rnd + len(stage)) % (2 ** 31))
                 if len(out) != len(send):
                     raise RuntimeError(f"backend returned {len(out)} completions for {len(send)} conversations")
                 results.update(zip(send, out))
                 if cache is not None:
                     cache.put([(keys[i], stage, comp) for i, comp in zip(send, out) if comp.error is None])
-            done: dict[int, Completion] = {}
-            for i in idx:
-                comp = results[i]
-                usage[i]["prompt_tokens"] += comp.prompt_tokens       # a record's usage counts cached stages too
-                usage[i]["completion_tokens"] += comp.completion_tokens
+            if on_stage:
+                on_stage(StageEvent(stage, rnd, len(asks), sum(o.prompt_tokens for o in out),
+                                    sum(o.completion_tokens for o in out), time.perf_counter() - t0,
+                                    cached=len(asks) - len(send)))
+            asks = {}
+            for i, comp in sorted(results.items()):
                 if comp.error is not None:
-                    failed.add(i)
+                    chains[i].close()
                     if on_error:
                         on_error(plans[i], stage, rnd, comp.error)
-                else:
-                    done[i] = comp
-            if on_stage:
-                on_stage(StageEvent(stage, rnd, len(idx), sum(o.prompt_tokens for o in out),
-                                    sum(o.completion_tokens for o in out), time.perf_counter() - t0,
-                                    cached=len(idx) - len(send)))
-            return done
+                    continue
+                try:
+                    asks[i] = chains[i].send(comp)
+                except StopIteration as done:
+                    records[i] = done.value
+        return [records[i] for i in sorted(records)]
 
-        initial = call("respond", 0, lambda i: respond_messages(convos[i]))
-        initial_flags = {i: check_output(comp, [plans[i].item.last_user]) for i, comp in initial.items()}
-        answers = {i: comp.text for i, comp in initial.items()}
-        rounds: list[list[dict]] = [[] for _ in plans]
-        for r in range(self.rounds):
-            principles = [c.principle(p.principles[r]) for p in plans]
-            crit = call("critique", r + 1, lambda i: critique_messages(c, convos[i], answers[i], principles[i]))
-            rev = call("revise", r + 1, lambda i: revise_messages(c, convos[i], answers[i], principles[i],
-                                                                  crit[i].text))
-            for i, rv in rev.items():
-                pr, cr = principles[i], crit[i]
-                # critique problems are kept on the round, prefixed; the revision's own flags reach the record
-                flags = ["critique_" + f for f in check_output(cr, [pr.critique])]
-                flags += check_output(rv, [pr.revision, pr.critique, cr.text, plans[i].item.last_user],
-                                      previous=answers[i])
-                rounds[i].append({"principle": pr.id, "principle_sha256": pr.sha256, "critique": cr.text,
-                                  "revision": rv.text, "flags": flags})
-                answers[i] = rv.text
-        return [self._record(p, initial[i].text, initial_flags[i], rounds[i], usage[i])
-                for i, p in enumerate(plans) if i not in failed]
+    def run_stream(self, plans: list[Plan], on_records: Callable[[list[dict]], None], *, window: int,
+                   on_stage: Callable[[StageEvent], None] | None = None,
+                   on_error: Callable[[Plan, str, int, str], None] | None = None,
+                   cache: StageCache | None = None) -> None:
+        """Generate every plan, handing finished records to ``on_records`` as they come.
+
+        A backend that completes requests one by one (``AsyncBackend``: an HTTP fleet) runs each record's stages on
+        its own, ``window`` records at a time: a record moves to its next stage as soon as its answer is back, so no
+        stage waits for the slowest request of a batch and every endpoint stays busy. Other backends (the local
+        model) run ``window`` records at a time in lockstep through ``run_batch``, one batched call per stage."""
+        if isinstance(self.backend, AsyncBackend):
+            self.backend.run(self._stream_async(plans, on_records, window, on_stage, on_error, cache))
+            return
+        for start in range(0, len(plans), window):
+            on_records(self.run_batch(plans[start:start + window], on_stage, on_error, cache))
+
+    async def _stream_async(self, plans, on_records, window, on_stage, on_error, cache) -> None:
+        import asyncio
+
+        s, backend = self.sampling, self.backend
+        pending_records: list[dict] = []
+        pending_cache: list[tuple[str, str, Completion]] = []
+        flush_every = max(1, min(32, window // 4))
+
+        def flush() -> None:
+            if cache is not None and pending_cache:
+                cache.put(pending_cache[:])
+                pending_cache.clear()
+            if pending_records:
+                on_records(pending_records[:])
+                pending_records.clear()
+
+        async def drive(plan: Plan) -> None:
+            chain = self._chain(plan)
+            stage, rnd, messages = next(chain)
+            while True:
+                t0 = time.perf_counter()
+                key = stage_key(backend, s, messages) if cache is not None else ""
+                comp = cache.get(key) if cache is not None else None
+                cached = comp is not None
+                if comp is None:
+                    seed = int(hashlib.sha256(f"{s.seed}:{plan.key}:{stage}:{rnd}".encode()).hexdigest()[:8], 16)
+                    comp = await backend.acomplete(messages, s, seed % (2 ** 31))  # type: ignore[attr-defined]
+                    if comp.error is None and cache is not None:
+                        pending_cache.append((key, stage, comp))
+                if on_stage:
+                    on_stage(StageEvent(stage, rnd, 1, 0 if cached else comp.prompt_tokens,
+                                        0 if cached else comp.completion_tokens, time.perf_counter() - t0,
+                                        cached=int(cached)))
+                if comp.error is not None:
+                    chain.close()
+                    if on_error:
+                        on_error(plan, stage, rnd, comp.error)
+                    return
+                try:
+                    stage, rnd, messages = chain.send(comp)
+                except StopIteration as done:
+                    pending_records.append(done.value)
+                    if len(pending_records) >= flush_every:
+                        flush()
+                    return
+
+        slots = asyncio.Semaphore(window)
+        tasks: list[asyncio.Task] = []
+
+        async def run_one(plan: Plan) -> None:
+            try:
+                await drive(plan)
+            finally:
+                slots.release()
+
+        try:
+            for plan in plans:
+                await slots.acquire()
+                for t in tasks:                    # a fatal error (wrong key) stops the run at once
+                    if t.done() and not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+                tasks.append(asyncio.create_task(run_one(plan)))
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            flush()                                # finished records and stages are kept whatever happened
 
     def estimate(self, plan: Plan, cache: StageCache, assumed: int) -> Estimate:
         """Walk one record's stages through the cache without calling anything: stages whose inputs are known and

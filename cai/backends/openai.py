@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import email.utils
 import logging
@@ -94,6 +95,8 @@ class OpenAIBackend:
         self._verified = False
         self._loop: asyncio.AbstractEventLoop | None = None     # one loop and one client for the backend's life:
         self._client = None                                      # connections are reused from stage to stage
+        self._sem: asyncio.Semaphore | None = None               # acomplete's limit and first-request lock
+        self._first: asyncio.Lock | None = None
 
     # -- the Backend protocol ------------------------------------------------------------------------------------
 
@@ -102,12 +105,36 @@ class OpenAIBackend:
         return sum(len(m["content"]) // 4 + 4 for m in messages)
 
     def generate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
-        """Runs on the backend's own event loop (a daemon thread), so the HTTP client and its open connections
-        live from one stage call to the next instead of being set up again for every stage."""
+        return self.run(self.agenerate(batch, sampling, seed))
+
+    def run(self, coro):
+        """Run ``coro`` on the backend's own event loop (a daemon thread), so the HTTP client and its open
+        connections live from one call to the next instead of being set up again each time. Ctrl-C cancels it."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
             threading.Thread(target=self._loop.run_forever, name="cai-openai", daemon=True).start()
-        return asyncio.run_coroutine_threadsafe(self.agenerate(batch, sampling, seed), self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()           # the coroutine's own clean-up (keeping finished work) runs before we return
+            with contextlib.suppress(BaseException):
+                future.result(timeout=10)
+            raise
+
+    async def acomplete(self, messages: list[Message], sampling: Sampling, seed: int) -> Completion:
+        """One request, under the backend's concurrency limit. Until one request has succeeded, requests go one
+        at a time: a wrong key or URL costs one request, not ``concurrency`` of them."""
+        if self._sem is None:
+            self._sem, self._first = asyncio.Semaphore(self.concurrency), asyncio.Lock()
+        if not self._verified:
+            async with self._first:
+                if not self._verified:
+                    comp = await self._request(self._http(), messages, sampling, seed)
+                    self._verified = comp.error is None
+                    return comp
+        async with self._sem:
+            return await self._request(self._http(), messages, sampling, seed)
 
     def close(self) -> None:
         if self._loop is None:
