@@ -88,6 +88,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' dtype (auto: the base model's; default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help="serve the model and its adapters (OpenAI-compatible) beside the critique "
+                                     "pipeline")
+    p.add_argument("--model", default="default",
+                   help="base model: 'default' (offline SmolLM2-135M-Instruct), a local folder, or a HF id[@revision]")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a LoRA adapter folder, served as model NAME (default: the folder's name); repeatable")
+    p.add_argument("--constitution", action="append", default=[], metavar="PATH",
+                   help="constitution file or folder of *.yaml, reloaded on edit; repeatable (default: constitution/)")
+    p.add_argument("--api-key-file", type=Path, help="API keys, one a line (# comments allowed)")
+    p.add_argument("--api-key-env", default="CAI_API_KEYS",
+                   help="environment variable with comma-separated API keys (default: %(default)s); with no key "
+                        "anywhere the server is open")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default: %(default)s; "
+                                                             "1 turns batching off)")
+    p.add_argument("--queue-size", type=int, default=64,
+                   help="requests that may wait; beyond it: 429 with Retry-After (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=2048,
+                   help="cap on a request's max_tokens (default: %(default)s)")
+    p.add_argument("--default-max-tokens", type=int, default=256,
+                   help="max_tokens of a request that gives none (default: %(default)s)")
+    p.add_argument("--max-n", type=int, default=4, help="cap on a chat request's n (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="larger request bodies get 413 (default: %(default)s)")
+    p.add_argument("--drain-grace", type=float, default=0.0,
+                   help="after SIGTERM, seconds of 503 answers before the listener closes (default: %(default)s)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -400,6 +430,42 @@ def cmd_merge(args: argparse.Namespace) -> int:
                      f"{display_path(args.output)} ({summary['dtype']}"
                      + (", dequantized from 4-bit" if summary["dequantized_from_4bit"] else "") + ")")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check everything that can be checked before loading the model (keys, constitutions, adapters against the
+    base), then serve. The server package is imported here only: the library never imports it."""
+    from cai.models import resolve_model
+    from server.constitutions import ConstitutionRegistry
+    from server.runner import serve
+    from server.security import load_api_keys
+    from server.settings import Limits, Settings, adapter_map, check_adapter
+
+    err = _console(stderr=True)
+    if not 0 < args.port < 65536:
+        raise CaiError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_batch < 1 or args.queue_size < 1:
+        raise CaiError("--max-batch and --queue-size must be at least 1")
+    limits = Limits(max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens, max_n=args.max_n,
+                    max_body_bytes=args.max_body_bytes)
+    keys = load_api_keys(args.api_key_file, args.api_key_env)
+    sources = [str(p) for p in args.constitution] or ["constitution"]
+    registry = ConstitutionRegistry(sources)
+    adapters = adapter_map(args.adapter)
+    with err.status(f"resolving model {args.model} ..."):
+        model_id = resolve_model(args.model).model_id
+    for name, folder in adapters.items():
+        check_adapter(name, folder, model_id)
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning[/]: serving on {args.host} with no API key: anyone who can reach it can use it")
+    err.print(f"constitutions: {', '.join(registry.names())}; models: base ({model_id})"
+              + "".join(f", {n}" for n in adapters) + f"; {'API keys required' if keys else 'no API key'}",
+              soft_wrap=True, markup=False)
+    settings = Settings(model=args.model, adapters=adapters, constitutions=tuple(sources), api_keys=tuple(keys),
+                        limits=limits, device=args.device, max_batch=args.max_batch, queue_size=args.queue_size,
+                        drain_grace_s=args.drain_grace)
+    _quiet_libraries()
+    return serve(settings, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
 
 
 def _quiet_libraries() -> None:

@@ -115,7 +115,7 @@ def _build(rows: Iterable[tuple[str, int, Any]], strict: bool) -> PromptSet:
             issues.append(row)
             continue
         try:
-            item = _row_to_item(row, f"{shown}:{n}")
+            item = item_from_row(row, f"{shown}:{n}")
         except ValueError as e:
             issues.append(Issue(str(e), shown, n))
             continue
@@ -129,7 +129,8 @@ def _build(rows: Iterable[tuple[str, int, Any]], strict: bool) -> PromptSet:
     return PromptSet(items, issues)
 
 
-def _row_to_item(row: Any, where: str) -> PromptItem:
+def item_from_row(row: Any, where: str) -> PromptItem:
+    """One prompt-file row (or a request's conversation) as a PromptItem; ``where`` names it in errors."""
     if not isinstance(row, dict):
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
     has_messages = row.get("messages") is not None

@@ -439,6 +439,18 @@ class Engine:
 
         return EventStream(self.submit(model_name, messages, params, on_event), queue)
 
+    def check_admission(self) -> None:
+        """Raise what :meth:`submit` would raise now for a full queue or a stopped engine (EngineStopped, QueueFull),
+        without queueing anything. A multi-stage job (the critique pipeline) calls it once before its first stage,
+        so a busy server refuses it at once rather than after part of the work."""
+        with self._cond:
+            if self.error:
+                raise EngineStopped(f"the inference worker failed: {self.error}")
+            if self._draining:
+                raise EngineStopped("the engine is shutting down")
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(self._retry_after(), len(self._waiting))
+
     def _check_name(self, model_name: str) -> None:
         if model_name not in self.model_names:
             raise UnknownModel(model_name, self.model_names)
@@ -859,7 +871,12 @@ class EngineBackend:
     critique and revise routes run :class:`cai.pipeline.Generator` through the same worker as chat completions.
 
     ``generate`` blocks: call it from a plain thread, never from the event loop. Row i of a batch is seeded with
-    ``seed + i``; when the queue is full it waits for room rather than failing."""
+    ``seed + i``; when the queue is full it waits for room rather than failing.
+
+    :meth:`cancel` (from any thread: the HTTP handler whose client went away) cancels the requests of the call in
+    progress and every later call at once: their completions come back as errors (``Completion.error``), so the
+    pipeline running in the blocked thread drops its record and returns within a decode step, instead of running
+    every remaining stage for nobody."""
 
     name = "server"
 
@@ -869,6 +886,20 @@ class EngineBackend:
         self.model = engine.model_label(self.model_name)
         self.model_revision = engine.model_revision
         self.context_length = engine.context_length
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._handles: list[Handle] = []        # of the generate call in progress
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            handles = list(self._handles)
+        for h in handles:
+            h.cancel()
 
     def count_tokens(self, messages: list[Message]) -> int:
         return self.engine.count_tokens(messages)
@@ -890,14 +921,42 @@ class EngineBackend:
         handles: list[Handle] = []
         try:
             for request in requests:
-                self.engine._enqueue(request, block=True, timeout=None)
-                handles.append(Handle(self.engine, request))
+                with self._lock:
+                    if self._cancelled:
+                        break
+                self._enqueue_cancellable(request)
+                handle = Handle(self.engine, request)
+                handles.append(handle)
+                with self._lock:
+                    self._handles.append(handle)
+                    cancelled = self._cancelled
+                if cancelled:                  # cancel() ran between the enqueue and the registration above
+                    handle.cancel()
             results = [h.result() for h in handles]
         except BaseException:
             for h in handles:
                 h.cancel()
             raise
-        return [_completion(done) for done in results]
+        finally:
+            with self._lock:
+                self._handles = []
+        completions = [_completion(done) for done in results]
+        missing = len(batch) - len(completions)          # rows never queued because the call was cancelled
+        return completions + [Completion("", 0, 0, "error", error="the request was cancelled")] * missing
+
+    def _enqueue_cancellable(self, request: _Request) -> None:
+        """Wait for a queue place (like ``_enqueue(block=True)``), waking every half second to see whether the
+        call was cancelled meanwhile (then the request is never queued and ends as cancelled)."""
+        while True:
+            try:
+                self.engine._enqueue(request, block=True, timeout=0.5)
+                return
+            except QueueFull:
+                if self._cancelled:
+                    request.cancelled = True
+                    request.result = Done("cancelled", len(request.prompt_ids), 0, "")
+                    request.finished.set()
+                    return
 
 
 def _completion(done: Done) -> Completion:

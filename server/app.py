@@ -1,0 +1,138 @@
+"""``create_app(settings)``: the FastAPI application of the service. No module-level state: everything an app
+holds (engine, constitution registry, metrics, the draining flag) lives in one :class:`ServerState` on
+``app.state.server``, so two apps in one process (tests) share nothing.
+
+Life of an app. The lifespan loads the constitutions (strict: a bad file stops the start), starts the watch that
+picks up their edits, and loads the model and adapters **in the background**: the server answers at once, ``/health``
+says 503 ``loading`` until the engine runs (then 200), and the work routes answer 503 with ``Retry-After`` meanwhile.
+A model that fails to load leaves ``/health`` at 503 ``failed`` and calls ``ServerState.on_fatal`` (``cai serve``
+stops the process with the error). Shutdown: :attr:`ServerState.draining` is set first (new work and ``/health``
+get 503; see ``server/runner.py`` for SIGTERM), the requests in flight finish, then the engine drains.
+
+Middleware, outermost first: metrics (counts every request, the refused ones too), the guard (API keys on every
+path but ``/health``; body size cap), then FastAPI. Every exception goes through ``server.errors.handle_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fastapi import FastAPI
+
+from server.constitutions import ConstitutionRegistry, watch
+from server.errors import HANDLED, Unavailable, handle_error
+from server.metrics import Metrics, MetricsMiddleware
+from server.routes import AsciiJSONResponse, router
+from server.security import Guard
+from server.services import Services
+from server.settings import Settings, check_adapter
+
+log = logging.getLogger("cai.server")
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    registry: ConstitutionRegistry | None = None
+    engine: Any = None                          # server.engine.Engine once loaded
+    services: Services | None = None
+    manifests: dict[str, dict | None] = field(default_factory=dict)
+    draining: bool = False
+    load_error: str | None = None
+    on_fatal: Callable[[BaseException], None] | None = None   # told when the model cannot be loaded
+
+    def ready(self) -> Services:
+        """The services, or Unavailable (503) while loading, after a failed load, or once the engine died."""
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        if self.load_error is not None:
+            raise Unavailable(f"the model failed to load: {self.load_error}")
+        if self.services is None:
+            raise Unavailable("the model is loading", retry_after=5)
+        if self.engine.error:
+            raise Unavailable(f"the inference worker failed: {self.engine.error}")
+        return self.services
+
+    def health(self) -> tuple[int, dict]:
+        if self.draining:
+            return 503, {"status": "draining"}
+        if self.load_error is not None:
+            return 503, {"status": "failed", "error": self.load_error}
+        if self.engine is None:
+            return 503, {"status": "loading"}
+        if self.engine.error or not self.engine.running:
+            return 503, {"status": "failed", "error": self.engine.error or "the inference worker is not running"}
+        return 200, {"status": "ok", "models": self.engine.model_names, "queue_depth": self.engine.queue_depth,
+                     "in_flight": self.engine.in_flight}
+
+
+def load_engine(settings: Settings) -> tuple[Any, dict[str, dict | None]]:
+    """The engine over the base model and the adapters (blocking), after checking each adapter's manifest against
+    the base (see settings.check_adapter). Returns the engine (not started) and the manifests by adapter name."""
+    from cai.models import resolve_model
+    from server.engine import Engine
+
+    model_id = resolve_model(settings.model).model_id
+    manifests = {name: check_adapter(name, folder, model_id) for name, folder in settings.adapters.items()}
+    engine = Engine(settings.model, dict(settings.adapters), device=settings.device, max_batch=settings.max_batch,
+                    queue_size=settings.queue_size, base_name=settings.base_name)
+    return engine, manifests
+
+
+def create_app(settings: Settings, *, on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+    st = ServerState(settings, on_fatal=on_fatal)
+
+    async def load() -> None:
+        try:
+            engine, manifests = await asyncio.to_thread(load_engine, settings)
+            engine.start()
+        except Exception as e:  # noqa: BLE001 - reported on /health and to on_fatal, never a dead task
+            st.load_error = str(e) if str(e) else type(e).__name__
+            log.error("cannot serve: %s", e)
+            if st.on_fatal is not None:
+                st.on_fatal(e)
+            return
+        st.engine, st.manifests = engine, manifests
+        st.services = Services(engine, st.registry, settings.limits, manifests,  # type: ignore[arg-type]
+                               on_usage=st.metrics.count_tokens)
+        log.info("serving %s on %s", ", ".join(engine.model_names), engine.device)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        st.registry = await asyncio.to_thread(ConstitutionRegistry, list(settings.constitutions))
+        loading = asyncio.create_task(load())
+        watching = asyncio.create_task(watch(st.registry, settings.watch_interval_s))
+        try:
+            yield
+        finally:
+            st.draining = True
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+            await asyncio.shield(loading)           # a model being loaded is waited for, then drained
+            if st.engine is not None:
+                await asyncio.to_thread(st.engine.drain, settings.drain_timeout_s)
+
+    app = FastAPI(title="cai", version=_version(), lifespan=lifespan, redirect_slashes=False,
+                  default_response_class=AsciiJSONResponse,
+                  description="Constitutional AI service: an OpenAI-compatible chat endpoint over the base model "
+                              "and its adapters, beside the live critique→revise pipeline.")
+    app.state.server = st
+    app.include_router(router)
+    for exc_class in HANDLED:
+        app.add_exception_handler(exc_class, handle_error)
+    app.add_middleware(Guard, keys=list(settings.api_keys), max_body_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=lambda: st.metrics)
+    return app
+
+
+def _version() -> str:
+    from cai import __version__
+
+    return __version__

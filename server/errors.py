@@ -1,0 +1,145 @@
+"""Every failure becomes the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``, with its HTTP
+status chosen in one place: :func:`error_body`. The rule is that anything the caller got wrong is a 4xx (a schema
+violation, malformed JSON, a wrong content type, an unknown model or principle, a prompt over the context), a busy
+server is 429 with ``Retry-After``, a server that is loading or shutting down is 503, and only the server's own
+failures are 5xx.
+
+Bodies are written as ASCII JSON (``ensure_ascii``): a message that quotes the caller's input (an unknown model name
+with a lone surrogate in it) can always be encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from cai.errors import CaiError, ContextLengthError
+from server.engine import EngineStopped, QueueFull, UnknownModel
+from server.services import ContextTooLong, GenerationFailed, InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+
+class Unavailable(Exception):
+    """The server takes no work now: loading the model, failed to load it, or shutting down (503)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.message, self.retry_after = message, retry_after
+
+
+class UnsupportedMediaType(Exception):
+    """A body that is not declared as JSON (415). Only ``application/json`` (or ``*+json``) is read: a plain
+    ``text/plain`` or form POST is what a web page can send cross-site without a CORS preflight, so refusing it
+    keeps a browser from driving a key-less server on 127.0.0.1."""
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready; nobody reads the response (logged as 499)."""
+
+
+def _param(loc: tuple | list) -> str | None:
+    """A validation error location as a field path: ("body", "messages", 0, "role") -> "messages[0].role".
+    Pydantic's union-member tags ("str", "list[TextPart]", "constrained-str", "function-after[...]") are left out
+    (field names are Python identifiers: never a "[" or a "-")."""
+    parts: list[str] = []
+    for item in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
+        if isinstance(item, int):
+            if parts:
+                parts[-1] += f"[{item}]"
+            continue
+        item = str(item)
+        if "[" in item or "-" in item or item in ("str", "int", "float", "bool", "list", "dict", "none"):
+            continue
+        parts.append(item)
+    return ".".join(parts) or None
+
+
+def _validation(exc: RequestValidationError) -> tuple[str, str | None, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None, None
+    first = errors[0]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return f"the body is not valid JSON: {detail}".rstrip(": "), None, "invalid_json"
+    param = _param(first.get("loc", ()))
+    if param is None and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return "the request body must be a JSON object", None, "invalid_type"
+    if param is None and kind == "missing":
+        return "the request needs a JSON body", None, "missing_body"
+    message = str(first.get("msg", "invalid value"))
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return (f"{param}: {message}{more}" if param else message + more), param, kind or None
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) for any exception: the one mapping of the service."""
+    headers: dict[str, str] = {}
+
+    def body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+        return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+    if isinstance(exc, RequestValidationError):
+        message, param, code = _validation(exc)
+        return 400, body(message, "invalid_request_error", param, code), headers
+    if isinstance(exc, ContextTooLong):
+        return 400, body(exc.message, "invalid_request_error", exc.param, exc.code), headers
+    if isinstance(exc, InvalidRequest):
+        return 400, body(exc.message, "invalid_request_error", exc.param, exc.code), headers
+    if isinstance(exc, ContextLengthError):
+        message = "; ".join([exc.message] + [i.message for i in exc.issues])
+        return 400, body(message, "invalid_request_error", "messages", "context_length_exceeded"), headers
+    if isinstance(exc, UnknownModel):
+        return 404, body(str(exc), "invalid_request_error", "model", "model_not_found"), headers
+    if isinstance(exc, NotFound):
+        return 404, body(exc.message, "invalid_request_error", exc.param, exc.code), headers
+    if isinstance(exc, UnsupportedMediaType):
+        return 415, body(str(exc), "invalid_request_error", None, "unsupported_media_type"), headers
+    if isinstance(exc, QueueFull):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return 429, body(str(exc), "rate_limit_error", None, "queue_full"), headers
+    if isinstance(exc, Unavailable):
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return 503, body(exc.message, "server_error", None, "unavailable"), headers
+    if isinstance(exc, EngineStopped):
+        return 503, body(str(exc), "server_error", None, "unavailable"), headers
+    if isinstance(exc, ClientDisconnected):
+        return 499, body("the client closed the connection", "invalid_request_error", None, "client_closed"), headers
+    if isinstance(exc, StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return exc.status_code, body(detail, kind, None, codes.get(exc.status_code)), dict(exc.headers or {})
+    if isinstance(exc, GenerationFailed):
+        return 500, body(str(exc), "server_error", None, "generation_failed"), headers
+    if isinstance(exc, CaiError):
+        return 400, body(exc.message, "invalid_request_error"), headers
+    log.error("unhandled error", exc_info=exc)
+    return 500, body("internal server error", "server_error", None, "internal_error"), headers
+
+
+def error_response(exc: BaseException) -> Response:
+    status, content, headers = error_body(exc)
+    return Response(json.dumps(content, ensure_ascii=True), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+async def handle_error(request: Any, exc: Exception) -> Response:
+    """The exception handler registered for every exception class (see create_app)."""
+    return error_response(exc)
+
+
+HANDLED = (RequestValidationError, StarletteHTTPException, InvalidRequest, NotFound, UnknownModel, ContextLengthError,
+           QueueFull, EngineStopped, Unavailable, UnsupportedMediaType, ClientDisconnected, GenerationFailed,
+           CaiError, Exception)

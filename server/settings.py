@@ -1,0 +1,121 @@
+"""What a server is started with (:class:`Settings`), and the checks that can be made before any model is loaded.
+
+``cai serve`` builds a Settings from its flags and calls :func:`check_settings` first, so a wrong adapter folder, an
+adapter trained on another base model, a bad constitution or key file ends in one clear message (exit 2) before the
+model loads. ``create_app(settings)`` then loads the model in the background (``/health`` answers 503 meanwhile).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai.errors import CaiError, ModelError, display_path
+
+MANIFEST = "manifest.json"   # written by `cai train` next to each adapter (see cai/train.py)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on what one request may ask for. ``max_tokens`` caps a request's ``max_tokens``; a request that leaves it
+    out gets ``default_max_tokens`` (or what is left of the context, if less)."""
+
+    max_tokens: int = 2048
+    default_max_tokens: int = 256
+    max_n: int = 4
+    max_body_bytes: int = 1 << 20      # 1 MiB
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "default_max_tokens", "max_n", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise CaiError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.default_max_tokens > self.max_tokens:
+            object.__setattr__(self, "default_max_tokens", self.max_tokens)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "default"
+    adapters: dict[str, str] = field(default_factory=dict)       # name -> folder
+    constitutions: tuple[str, ...] = ("constitution",)            # files or folders
+    api_keys: tuple[str, ...] = ()                                # none: the server is open (it binds 127.0.0.1)
+    limits: Limits = field(default_factory=Limits)
+    device: str | None = None
+    max_batch: int = 16
+    queue_size: int = 64
+    base_name: str = "base"                                       # the base model's name in /v1/models
+    watch_interval_s: float = 1.0                                 # how often constitution files are re-stat'ed
+    drain_grace_s: float = 0.0     # after SIGTERM: seconds of 503s (load balancers notice) before the listener closes
+    drain_timeout_s: float = 300.0  # in-flight requests still running this long after shutdown began are cancelled
+
+
+def parse_adapter(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` or ``PATH`` (the name is then the folder's name: ``runs/demo/adapters/dpo`` -> ``dpo``)."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        path = spec
+        name = Path(spec.rstrip("/")).name
+    if not name or not path:
+        raise CaiError(f"--adapter {spec!r}: give NAME=PATH or PATH")
+    return name, path
+
+
+def adapter_map(specs: list[str], base_name: str = "base") -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, path = parse_adapter(spec)
+        if name == base_name:
+            raise CaiError(f"--adapter {spec!r}: {base_name!r} is the base model's name; use NAME=PATH")
+        if name in adapters:
+            raise CaiError(f"--adapter {spec!r}: two adapters are named {name!r}; use NAME=PATH")
+        adapters[name] = path
+    return adapters
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """An adapter's manifest.json (None when there is none: an adapter trained elsewhere)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {display_path(path)}: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{display_path(path)} is not a JSON object")
+    return data
+
+
+def check_adapter(name: str, folder: str, model_id: str) -> dict[str, Any] | None:
+    """Refuse an adapter whose manifest names another base model than ``model_id`` (the served base's id, as
+    :func:`cai.models.resolve_model` gives it): LoRA weights of another base load without an error when the shapes
+    happen to match and then produce garbage. Returns the manifest."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ModelError(f"adapter {name!r}: folder {folder} does not exist",
+                         hint="Give the folder that training wrote, e.g. runs/<name>/adapters/sft.")
+    if not (path / "adapter_config.json").exists():
+        raise ModelError(f"adapter {name!r}: {folder} has no adapter_config.json (not a PEFT adapter folder)")
+    manifest = read_manifest(path)
+    if manifest is None:
+        return None
+    base = manifest.get("base_model") or {}
+    trained_on = base.get("id") if isinstance(base, dict) else base
+    if trained_on and trained_on != model_id:
+        raise ModelError(f"adapter {name!r} ({folder}) was trained on {trained_on}, but the served base model is "
+                         f"{model_id}",
+                         hint=f"Serve it with --model {base.get('path') or trained_on}, or leave the adapter out.")
+    return manifest
+
+
+def lineage(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What /v1/models shows of an adapter's manifest: the constitution, dataset and base it was trained on."""
+    if manifest is None:
+        return None
+    dataset = manifest.get("dataset") or {}
+    return {"stage": manifest.get("stage"), "base_model": manifest.get("base_model"),
+            "constitution": manifest.get("constitution"),
+            "dataset": {"sha256": dataset.get("sha256"), "counts": dataset.get("counts")} if dataset else None,
+            "steps": manifest.get("steps"), "created_at": manifest.get("created_at")}
