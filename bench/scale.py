@@ -7,12 +7,11 @@ serve at most ``slots / delay`` requests per second, whatever the client sends.
 
 The same prompts (the first ``--prompts`` of ``data/prompts/red_team.jsonl``, the default constitution) go through
 ``run_generate`` (respond, then critique and revise per round: ``1 + 2 * rounds`` requests a prompt) into a fresh
-temporary run folder for each arm, with the client's concurrency (and batch size, the CLI's default for this backend)
+temporary run folder for each arm, with the client's concurrency (and records in flight, ``--batch-size``: the CLI's default for this backend)
 far above the endpoints' total slots, so the endpoints, not the client, are the limit. The arms run side by side in
 one process, interleaved over ``--repeats``; the best of each is reported. Prints per arm: requests/s and records/s,
 the endpoints' capacity (``endpoints * slots / delay`` requests/s) and the share of it reached, the floor (the
-shortest time the pipeline's stage barrier allows: :func:`barrier_seconds`) and the share of it reached; then the
-ratios 2/1 and 4/1.
+shortest time the endpoints allow: :func:`floor_seconds`) and the share of it reached; then the ratios 2/1 and 4/1.
 
     .venv/bin/python bench/scale.py          # 96 prompts, 1 round, delay 0.2 s, 4 slots an endpoint, concurrency 64
     .venv/bin/python bench/scale.py --prompts 192 --delay 0.1 --repeats 3
@@ -62,13 +61,10 @@ def stop_servers(servers) -> None:
             proc.wait()
 
 
-def barrier_seconds(n_prompts: int, batch_size: int, stages: int, capacity: int, delay: float) -> float:
-    """The shortest time the pipeline can take: each stage of a batch waits for all its requests before the next
-    stage starts, so a stage of B requests takes ceil(B / capacity) delays; the backend's very first request goes
-    alone (one more delay)."""
-    waves = sum(math.ceil(min(batch_size, n_prompts - start) / capacity)
-                for start in range(0, n_prompts, batch_size)) * stages
-    return (waves + 1) * delay
+def floor_seconds(n_prompts: int, stages: int, capacity: int, delay: float) -> float:
+    """The shortest time a run can take: the backend's very first request goes alone (one delay), then every slot
+    of every endpoint busy all the time (each record moves to its next stage as soon as its answer is back)."""
+    return (1 + math.ceil((n_prompts * stages - 1) / capacity)) * delay
 
 
 def main() -> None:
@@ -78,7 +74,7 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.2, help="seconds a server takes per answer (default: 0.2)")
     ap.add_argument("--slots", type=int, default=4, help="answers a server works on at once (default: 4)")
     ap.add_argument("--concurrency", type=int, default=64, help="client requests in flight (default: 64)")
-    ap.add_argument("--batch-size", type=int, default=None, help="prompts per stage call (default: --concurrency)")
+    ap.add_argument("--batch-size", type=int, default=None, help="records in flight (default: --concurrency)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each arm, interleaved; the best counts")
     args = ap.parse_args()
     batch_size = args.batch_size or args.concurrency
@@ -117,7 +113,7 @@ def main() -> None:
         stop_servers(servers)
 
     print(f"openai backend, {len(items)} prompts, {args.rounds} round(s) ({stages} requests a prompt), client "
-          f"concurrency {args.concurrency}, batch {batch_size}; each endpoint a fault_server process answering after "
+          f"concurrency {args.concurrency}, {batch_size} records in flight; each endpoint a fault_server process answering after "
           f"{args.delay:g}s, {args.slots} at a time ({args.slots / args.delay:g} req/s capacity); best of "
           f"{args.repeats}")
     print(f"{'endpoints':>9} {'requests':>8} {'seconds':>8} {'req/s':>7} {'rec/s':>7} {'capacity':>8} "
@@ -127,7 +123,7 @@ def main() -> None:
         seconds, requests, written, served = results[n]
         rate[n] = requests / seconds
         capacity = n * args.slots / args.delay
-        floor = barrier_seconds(len(items), batch_size, stages, n * args.slots, args.delay)
+        floor = floor_seconds(len(items), stages, n * args.slots, args.delay)
         print(f"{n:9d} {requests:8d} {seconds:8.2f} {rate[n]:7.1f} {written / seconds:7.1f} {capacity:8.1f} "
               f"{rate[n] / capacity:7.0%} {floor:7.2f} {floor / seconds:8.0%}  {' '.join(map(str, served))}")
     print(f"2 endpoints / 1 = {rate[2] / rate[1]:.2f}  (target >= 1.8)")
