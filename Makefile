@@ -30,6 +30,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/incremental.py
 	$(BIN)/python bench/train.py
 
 clean:
