@@ -1,0 +1,267 @@
+"""Serving throughput and latency: `cai serve` vs `transformers serve --continuous-batching`, in one run.
+
+What is measured, on the default model (SmolLM2-135M-Instruct, converted into a local folder by
+`cai.models.resolve_model("default")`), on this machine's CPU:
+
+- three arms, run one after another (never concurrently), each in its own server subprocess:
+  * ``ours``        `cai serve --model default` (batched, default --max-batch 16)
+  * ``ours-unbatched``  `cai serve --model default --max-batch 1`
+  * ``peer``        `transformers serve --continuous-batching --device cpu <model folder>` (the model folder is
+                    the pinned model, and is also the `model` named in requests)
+- each server is started, waited on until ``/health`` answers 200, and warmed up with a few requests;
+- single client: a few sequential requests, one at a time (the single-client latency);
+- 16 concurrent clients (asyncio + httpx), each sending ``--requests`` requests in a row.
+
+Every request is a non-streaming OpenAI chat completion with ``max_tokens`` 32 and temperature 0; every arm gets the
+same set of 16 distinct short prompts, in the same order. There is no ``ignore_eos``, so tokens are counted from the
+``usage.completion_tokens`` each answer reports. Throughput = completion tokens (and requests) / wall time of the
+16-client phase; latency = wall time of one request as its client sees it.
+
+Printed: a table (arm, completion tok/s, req/s, p50 and p95 latency at 16 clients, single-client latency) and the
+ratios against the targets: ours / peer ≥ 1.2 (tok/s), ours / unbatched ≥ 3 (tok/s), and ours p95 latency at
+16 clients ≤ 2.5 × ours single-client latency (median).
+
+Run:
+    .venv/bin/python bench/serve.py                   # ~5 minutes on the 2-core CPU
+    .venv/bin/python bench/serve.py --arms ours peer  # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me one tip for sleeping better.",
+    "Name three primary colours.",
+    "How do plants make food?",
+    "Write a haiku about the sea.",
+    "What is 12 times 7?",
+    "Why is the sky blue?",
+    "Suggest a name for a pet cat.",
+    "What does a compiler do?",
+    "Describe a rainy day in one sentence.",
+    "How many legs does a spider have?",
+    "What is the boiling point of water?",
+    "Give a synonym for happy.",
+    "What is photosynthesis?",
+    "Tell me a fun fact about octopuses.",
+    "How do I make a cup of tea?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess in its own process group; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], port: int, model: str, logdir: Path):
+        self.name, self.argv, self.port, self.model = name, argv, port, model
+        self.log = logdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 240.0) -> None:
+        self._fh = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.base + "/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s:\n{self.tail()}")
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log.read_bytes()[-n:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        finally:
+            self._fh.close()
+
+
+async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> tuple[float, int]:
+    body = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": False,
+    }
+    t0 = time.perf_counter()
+    r = await client.post(server.base + "/v1/chat/completions", json=body)
+    dt = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"{server.name}: HTTP {r.status_code}: {r.text[:500]}")
+    return dt, int(r.json()["usage"]["completion_tokens"])
+
+
+async def measure(server: Server, clients: int, per_client: int, max_tokens: int, warmup: int, single: int) -> dict:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600.0, limits=limits) as client:
+        for i in range(warmup):
+            await one_request(client, server, PROMPTS[-1 - i], max_tokens)
+
+        single_lat, single_tok = [], 0
+        for i in range(single):
+            dt, n = await one_request(client, server, PROMPTS[i % len(PROMPTS)], max_tokens)
+            single_lat.append(dt)
+            single_tok += n
+
+        async def run_client(c: int) -> list[tuple[float, int]]:
+            return [
+                await one_request(client, server, PROMPTS[(c + j) % len(PROMPTS)], max_tokens)
+                for j in range(per_client)
+            ]
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(run_client(c) for c in range(clients)))
+        wall = time.perf_counter() - t0
+
+    lat = sorted(dt for rs in results for dt, _ in rs)
+    tokens = sum(n for rs in results for _, n in rs)
+    return {
+        "single_p50": statistics.median(single_lat),
+        "single_tok": single_tok,
+        "wall": wall,
+        "tokens": tokens,
+        "requests": len(lat),
+        "tok_s": tokens / wall,
+        "req_s": len(lat) / wall,
+        "p50": percentile(lat, 50),
+        "p95": percentile(lat, 95),
+    }
+
+
+def percentile(sorted_xs: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    k = (len(sorted_xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arms", nargs="+", default=["ours", "ours-unbatched", "peer"],
+                    choices=["ours", "ours-unbatched", "peer"])
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=3, help="requests in a row per concurrent client")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--single", type=int, default=4, help="sequential single-client requests")
+    args = ap.parse_args()
+    # SIGTERM (e.g. from `timeout`) raises SystemExit, so the `finally` below still stops the running server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    from cai.models import resolve_model
+
+    model_dir = str(resolve_model("default").path)
+    cai_bin = shutil.which("cai", path=str(BIN)) or str(BIN / "cai")
+    tf_bin = shutil.which("transformers", path=str(BIN)) or str(BIN / "transformers")
+
+    logdir = Path(tempfile.mkdtemp(prefix="cai-bench-serve-"))
+    print(f"default model ({model_dir}), CPU, {args.clients} clients x {args.requests} requests, "
+          f"max_tokens {args.max_tokens}, temperature 0; single client: {args.single} sequential requests; "
+          f"logs in {logdir}", flush=True)
+
+    def make(arm: str) -> Server:
+        port = free_port()
+        if arm == "ours":
+            argv = [cai_bin, "serve", "--model", "default", "--port", str(port)]
+            return Server(arm, argv, port, "base", logdir)
+        if arm == "ours-unbatched":
+            argv = [cai_bin, "serve", "--model", "default", "--port", str(port), "--max-batch", "1"]
+            return Server(arm, argv, port, "base", logdir)
+        argv = [tf_bin, "serve", "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
+                "--port", str(port), model_dir]
+        return Server(arm, argv, port, model_dir, logdir)
+
+    res: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    for arm in args.arms:
+        server = make(arm)
+        t0 = time.perf_counter()
+        try:
+            server.start()
+            print(f"[{arm}] ready in {time.perf_counter() - t0:.1f}s", flush=True)
+            res[arm] = asyncio.run(
+                measure(server, args.clients, args.requests, args.max_tokens, args.warmup, args.single)
+            )
+            r = res[arm]
+            print(f"[{arm}] done: {r['tokens']} tokens in {r['wall']:.1f}s", flush=True)
+        except Exception as e:  # noqa: BLE001 - an arm that fails is reported, the others still run
+            errors[arm] = f"{type(e).__name__}: {e}"
+            print(f"[{arm}] FAILED: {errors[arm]}\n{server.tail()}", flush=True)
+        finally:
+            server.stop()
+
+    print()
+    print(f"{'arm':<16}{'tokens':>7}{'tok/s':>8}{'req/s':>7}{'p50 s':>7}{'p95 s':>7}{'1-client s':>11}")
+    for arm in args.arms:
+        if arm in res:
+            r = res[arm]
+            print(f"{arm:<16}{r['tokens']:>7}{r['tok_s']:>8.1f}{r['req_s']:>7.2f}{r['p50']:>7.2f}"
+                  f"{r['p95']:>7.2f}{r['single_p50']:>11.2f}")
+        else:
+            print(f"{arm:<16}  failed: {errors[arm].splitlines()[0][:200]}")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    if "ours" in res and "peer" in res:
+        x = res["ours"]["tok_s"] / res["peer"]["tok_s"]
+        print(f"ours / peer (tok/s)              = {x:.2f}  (target >= 1.2: {verdict(x >= 1.2)})")
+    if "ours" in res and "ours-unbatched" in res:
+        x = res["ours"]["tok_s"] / res["ours-unbatched"]["tok_s"]
+        print(f"ours / unbatched (tok/s)         = {x:.2f}  (target >= 3: {verdict(x >= 3)})")
+    if "ours" in res:
+        x = res["ours"]["p95"] / res["ours"]["single_p50"]
+        print(f"ours p95@{args.clients} / single-client latency = {x:.2f}  (target <= 2.5: {verdict(x <= 2.5)})")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
