@@ -23,7 +23,7 @@ from cai.constitution import Constitution
 from cai.errors import ContextLengthError, RunFolderError, display_path
 from cai.pipeline import Generator, MemoryStageCache, Plan, StageEvent
 from cai.prompt_sets import PromptItem
-from cai.records import STAGES_FILE, open_store, read_jsonl, read_stage_cache, write_json_atomic
+from cai.records import open_store, read_jsonl, read_stage_cache, write_json_atomic
 
 RUN_FILE = "run.json"
 
@@ -150,8 +150,7 @@ def dry_run(*, constitution: Constitution, items: list[PromptItem], backend: Bac
     had_record = set(on_disk.values()) | _superseded_prompts(out)
     reusable = set() if prep.identity_changed else set(on_disk)
     cache = MemoryStageCache()
-    if (out / STAGES_FILE).exists():
-        cache.entries = read_stage_cache(out)
+    cache.entries = read_stage_cache(out)
     m = prep.gen.sampling.max_new_tokens
     known = cache.entries.values()
     assumed = round(sum(c.completion_tokens for c in known) / len(known)) if known else m

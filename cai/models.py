@@ -18,6 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cai.errors import ModelError
 
@@ -117,3 +118,67 @@ def _file_lock(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass
+class ChatModel:
+    """A chat model loaded for generation: what the local backend and the server's engine both start from."""
+
+    tokenizer: Any
+    lm: Any                      # the transformers model, on ``device`` in eval mode; None when loaded without weights
+    model_id: str
+    revision: str | None
+    device: str
+    context_length: int | None   # tokens the model attends to (prompt + generation), from its config
+    eos_ids: list[int]           # every end-of-turn id of the tokenizer and the generation config ([] without weights)
+
+
+def load_chat_model(model: str | None, device: str | None = None, dtype: str | None = None,
+                    weights: bool = True) -> ChatModel:
+    """Resolve and load a chat model: fp32 on CPU, bf16 on GPUs that have it; a clear ModelError for a model that
+    cannot load, has no chat template or no end-of-sequence token. The tokenizer gets a pad token (EOS) if it has
+    none. ``weights=False`` loads the tokenizer and config only (enough to count tokens)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 on GPUs that have it; fp32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)
+    torch_dtype = getattr(torch, dtype) if dtype else (
+        torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.revision)
+        if weights:
+            lm = AutoModelForCausalLM.from_pretrained(resolved.path, revision=resolved.revision, dtype=torch_dtype)
+            cfg = lm.config
+        else:
+            lm = None
+            cfg = AutoConfig.from_pretrained(resolved.path, revision=resolved.revision)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {model!r}: {str(e).splitlines()[0]}",
+                         hint="Give a local folder written by save_pretrained, a Hugging Face id (needs the "
+                              "hub or its cache), or 'default' for the offline SmolLM2-135M-Instruct.") from None
+    if not tokenizer.chat_template:
+        raise ModelError(f"model {resolved.model_id!r} has no chat template",
+                         hint="Use an instruction-tuned (chat) model, or add a chat_template to its "
+                              "tokenizer_config.json.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    eos_ids: list[int] = []
+    if lm is not None:
+        lm.to(device).eval()
+        eos_ids = _eos_ids(tokenizer, lm, resolved.model_id)
+    return ChatModel(tokenizer, lm, resolved.model_id, resolved.revision, device, context, eos_ids)
+
+
+def _eos_ids(tokenizer: Any, lm: Any, model_id: str) -> list[int]:
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(lm.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    if not ids:
+        raise ModelError(f"model {model_id!r} defines no end-of-sequence token")
+    return sorted(ids)

@@ -59,7 +59,7 @@ from typing import Any, Callable
 
 from cai.backends.base import Completion, Sampling
 from cai.errors import ContextLengthError, Issue, ModelError
-from cai.models import resolve_model
+from cai.models import load_chat_model
 from cai.prompts import Message
 
 log = logging.getLogger(__name__)
@@ -279,35 +279,13 @@ class Engine:
     # -- loading ---------------------------------------------------------------------------------------------
 
     def _load(self, model: str | None, adapters: dict[str, str], device: str | None, dtype: str | None) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        resolved = resolve_model(model)
-        self.model_id = resolved.model_id
-        self.model_revision = resolved.revision
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # bf16 on GPUs that have it; fp32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)
-        torch_dtype = getattr(torch, dtype) if dtype else (
-            torch.bfloat16 if self.device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.revision)
-            lm = AutoModelForCausalLM.from_pretrained(resolved.path, revision=resolved.revision, dtype=torch_dtype)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load model {model!r}: {str(e).splitlines()[0]}",
-                             hint="Give a local folder written by save_pretrained, a Hugging Face id (needs the "
-                                  "hub or its cache), or 'default' for the offline SmolLM2-135M-Instruct.") from None
-        lm.to(self.device).eval()
-        if not self.tokenizer.chat_template:
-            raise ModelError(f"model {self.model_id!r} has no chat template",
-                             hint="Use an instruction-tuned (chat) model, or add a chat_template to its "
-                                  "tokenizer_config.json.")
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        loaded = load_chat_model(model, device, dtype)
+        lm = loaded.lm
+        self.tokenizer, self.device = loaded.tokenizer, loaded.device
+        self.model_id, self.model_revision = loaded.model_id, loaded.revision
         self.pad_id: int = self.tokenizer.pad_token_id
-        self.eos_ids = self._eos_ids(lm)
-        cfg = lm.config
-        self.context_length: int | None = (getattr(cfg, "max_position_embeddings", None)
-                                           or getattr(cfg, "n_positions", None))
+        self.eos_ids = loaded.eos_ids
+        self.context_length: int | None = loaded.context_length
         self._lm = lm           # the transformers model (its config builds caches)
         self._model = lm        # what forward passes go through: the model, or the PeftModel around it
         self._peft = None
@@ -350,18 +328,6 @@ class Engine:
             raise ModelError(f"adapter {name!r}: cannot load {folder} onto {self.model_id}: {first}",
                              hint="The adapter must have been trained on this base model.") from None
         self.adapters[name] = str(path.resolve())
-
-    def _eos_ids(self, lm: Any) -> list[int]:
-        ids: set[int] = set()
-        gen_eos = getattr(lm.generation_config, "eos_token_id", None)
-        for value in (self.tokenizer.eos_token_id, gen_eos):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(v for v in value if isinstance(v, int))
-        if not ids:
-            raise ModelError(f"model {self.model_id!r} defines no end-of-sequence token")
-        return sorted(ids)
 
     # -- facts -------------------------------------------------------------------------------------------------
 

@@ -125,6 +125,17 @@ def small_constitution():
 # Prompt files
 
 
+# Conversations of different lengths, for backends and the engine (batched vs alone)
+SHORT = [{"role": "user", "content": "Hi"}]
+MEDIUM = [{"role": "user", "content": "What is the best way to keep a garden healthy during a very dry summer?"}]
+LONG = [
+    {"role": "system", "content": "You are a careful assistant."},
+    {"role": "user", "content": "Tell me about the history of the printing press in Europe."},
+    {"role": "assistant", "content": "The printing press spread quickly after Gutenberg's work around 1450."},
+    {"role": "user", "content": "And how did it change the way people shared news and scientific ideas?"},
+]
+
+
 def prompt_rows(n: int, prefix: str = "q", **extra) -> list[dict]:
     return [{"id": f"{prefix}{i:03d}", "prompt": f"Test question number {i} about topic {i % 7}?", **extra}
             for i in range(n)]

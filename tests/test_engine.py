@@ -12,19 +12,11 @@ import torch
 from cai.backends.base import Sampling
 from cai.errors import ContextLengthError, ModelError
 from cai.pipeline import Generator
-from conftest import items_from, make_constitution, prompt_rows
+from conftest import LONG, MEDIUM, SHORT, items_from, make_constitution, prompt_rows
 from server.engine import (
     Delta, Done, Engine, EngineBackend, EngineStopped, GenParams, QueueFull, UnknownModel, _Request,
 )
 
-SHORT = [{"role": "user", "content": "Hi"}]
-MEDIUM = [{"role": "user", "content": "What is the best way to keep a garden healthy during a very dry summer?"}]
-LONG = [
-    {"role": "system", "content": "You are a careful assistant."},
-    {"role": "user", "content": "Tell me about the history of the printing press in Europe."},
-    {"role": "assistant", "content": "The printing press spread quickly after Gutenberg's work around 1450."},
-    {"role": "user", "content": "And how did it change the way people shared news and scientific ideas?"},
-]
 TINY = [{"role": "user", "content": "x"}]
 CONVERSATIONS = [SHORT, MEDIUM, LONG, TINY]
 

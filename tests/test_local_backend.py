@@ -11,18 +11,11 @@ from cai.cli import main
 from cai.errors import ContextLengthError, ModelError
 from cai.generate import run_generate
 from cai.prompts import critique_messages
-from conftest import build_tiny_model, copy_model_without_chat_template, items_from, make_constitution, prompt_rows
+from conftest import (LONG, MEDIUM, SHORT, build_tiny_model, copy_model_without_chat_template, items_from,
+                      make_constitution, prompt_rows)
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=8)
 
-SHORT = [{"role": "user", "content": "Hi"}]
-MEDIUM = [{"role": "user", "content": "What is the best way to keep a garden healthy during a very dry summer?"}]
-LONG = [
-    {"role": "system", "content": "You are a careful assistant."},
-    {"role": "user", "content": "Tell me about the history of the printing press in Europe."},
-    {"role": "assistant", "content": "The printing press spread quickly after Gutenberg's work around 1450."},
-    {"role": "user", "content": "And how did it change the way people shared news and scientific ideas?"},
-]
 
 
 @pytest.fixture(scope="module")

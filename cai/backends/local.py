@@ -20,8 +20,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from cai.backends.base import Completion, Sampling
-from cai.errors import ContextLengthError, Issue, ModelError
-from cai.models import resolve_model
+from cai.errors import ContextLengthError, Issue
+from cai.models import load_chat_model
 from cai.prompts import Message
 
 log = logging.getLogger(__name__)
@@ -72,45 +72,16 @@ class LocalBackend:
                  prefix_cache: bool = True, weights: bool = True):
         """``weights=False`` loads the tokenizer and config only: enough to count tokens (``cai generate
         --dry-run``), not to generate."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        resolved = resolve_model(model)
-        self.model = resolved.model_id
-        self.model_revision = resolved.revision
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # bf16 on GPUs that have it; fp32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)
-        torch_dtype = getattr(torch, dtype) if dtype else (
-            torch.bfloat16 if self.device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.revision)
-            if weights:
-                self.lm = AutoModelForCausalLM.from_pretrained(resolved.path, revision=resolved.revision,
-                                                               dtype=torch_dtype)
-                cfg = self.lm.config
-            else:
-                self.lm = None
-                cfg = AutoConfig.from_pretrained(resolved.path, revision=resolved.revision)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load model {model!r}: {str(e).splitlines()[0]}",
-                             hint="Give a local folder written by save_pretrained, a Hugging Face id (needs the "
-                                  "hub or its cache), or 'default' for the offline SmolLM2-135M-Instruct.") from None
-        if not self.tokenizer.chat_template:
-            raise ModelError(f"model {self.model!r} has no chat template",
-                             hint="Use an instruction-tuned (chat) model, or add a chat_template to its "
-                                  "tokenizer_config.json.")
+        loaded = load_chat_model(model, device, dtype, weights=weights)
+        self.tokenizer, self.lm, self.device = loaded.tokenizer, loaded.lm, loaded.device
+        self.model, self.model_revision = loaded.model_id, loaded.revision
+        self.context_length, self.eos_ids = loaded.context_length, loaded.eos_ids
         self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.context_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self.prefix_cache = prefix_cache
         self.shared_prefix = False
         self._prefixes: OrderedDict[tuple[int, ...], object] = OrderedDict()   # token ids -> DynamicCache (batch 1)
         self.prefix_hits = 0      # rows that reused a cached prefix (for tests and benchmarks)
-        if self.lm is None:
-            return
-        self.lm.to(self.device).eval()
-        self.eos_ids = self._eos_ids()
-        self.shared_prefix = prefix_cache and self._use_shared_prefix_attention()
+        self.shared_prefix = self.lm is not None and prefix_cache and self._use_shared_prefix_attention()
 
     def _use_shared_prefix_attention(self) -> bool:
         """Switch the model to shared-prefix attention (see prefix_attention.py) where it runs on SDPA; other
@@ -125,18 +96,6 @@ class LocalBackend:
         except Exception as e:   # an architecture that refuses custom attention: the copy path still works
             log.info("shared-prefix attention unavailable for %s (%s); copying the prefix per row", self.model, e)
             return False
-
-    def _eos_ids(self) -> list[int]:
-        ids: set[int] = set()
-        gen_eos = getattr(self.lm.generation_config, "eos_token_id", None)
-        for value in (self.tokenizer.eos_token_id, gen_eos):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(v for v in value if isinstance(v, int))
-        if not ids:
-            raise ModelError(f"model {self.model!r} defines no end-of-sequence token")
-        return sorted(ids)
 
     def render(self, messages: list[Message]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
