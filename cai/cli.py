@@ -23,6 +23,8 @@ DEMO = {"prompts": "data/prompts/red_team.jsonl", "constitution": "constitution/
         "limit": 16, "rounds": 1, "batch_size": 16, "max_new_tokens": 128,
         # SmolLM2-135M rambles to the token limit: the demo trains on truncated texts on purpose (the card says so)
         "helpful_mix": 0.25, "allow_flags": ["truncated"], "train_steps": 8}
+# ... and its evaluation: small enough to keep the whole job within 15 minutes on that machine
+DEMO_EVAL = {"red_team": 16, "helpful": 16, "records": 16, "max_new_tokens": 96}
 
 
 def _console(stderr: bool = False):
@@ -57,10 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_args(p, demo=False)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the main job on the default offline model: generate → data build → train sft")
+    p = sub.add_parser("demo", help="the main job on the default offline model: generate → data build → train sft "
+                                    "→ eval → report")
     _generate_args(p, demo=True)
     p.add_argument("--train-steps", type=int, default=DEMO["train_steps"],
                    help="QLoRA SFT steps after generating (0: generate only; default: %(default)s)")
+    _eval_args(p, demo=True)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("data", help="training data from a run's records")
@@ -80,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move a finished or unfinished adapter folder aside and train again")
     p.add_argument("--help-config", action="store_true", help="list every training setting and exit")
     p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("eval", help="base vs each adapter on held-out prompts: harmlessness, over-refusal, revision "
+                                    "rounds, diversity → RUN/eval/report.html")
+    p.add_argument("run", type=Path, help="the run folder, e.g. runs/demo")
+    _eval_args(p, demo=False)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="adapter + base → a plain safetensors model folder")
     p.add_argument("adapter", type=Path, help="an adapter folder, e.g. runs/demo/adapters/dpo")
@@ -119,6 +129,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_serve)
     return parser
+
+
+def _eval_args(p: argparse.ArgumentParser, demo: bool) -> None:
+    """``cai eval``'s options; the demo takes the same ones, prefixed ``--eval-`` where they would clash."""
+    pre = "--eval-" if demo else "--"
+    d = DEMO_EVAL if demo else {}
+    p.add_argument(f"{pre}red-team", dest="eval_red_team", type=int, default=d.get("red_team", 64),
+                   help="held-out red-team prompts to answer, at most (default: %(default)s)")
+    p.add_argument(f"{pre}helpful", dest="eval_helpful", type=int, default=d.get("helpful", 64),
+                   help="ordinary prompts for over-refusal and helpfulness, at most; 0 skips them "
+                        "(default: %(default)s)")
+    p.add_argument(f"{pre}records", dest="eval_records", type=int, default=d.get("records", 64),
+                   help="generated records judged for the revision-round curve, at most (default: %(default)s)")
+    p.add_argument(f"{pre}max-new-tokens", dest="eval_max_new_tokens", type=int,
+                   default=d.get("max_new_tokens", 128), help="per answer (default: %(default)s)")
+    if demo:
+        return
+    p.add_argument("--prompts", dest="eval_prompts",
+                   help="red-team prompt file (default: the one the run was generated from, per run.json)")
+    p.add_argument("--helpful-prompts", default="data/prompts/helpful.jsonl", help="default: %(default)s")
+    p.add_argument("--principles", nargs="+", default=[], metavar="ID",
+                   help="principles to judge against (default: every principle of the run's constitution)")
+    p.add_argument("--adapter", action="append", dest="adapters", metavar="NAME",
+                   help="an adapter under RUN/adapters to evaluate; repeatable (default: every finished one)")
+    p.add_argument("--temperature", type=float, default=0.7, help="answers' sampling (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.95, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=16, help="answers and judgements per forward pass "
+                                                              "(default: %(default)s)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--judge-backend", default="local", choices=["local", "openai"],
+                   help="local: a transformers model's next-token logits; openai: an OpenAI-compatible endpoint "
+                        "that returns top_logprobs (default: %(default)s)")
+    p.add_argument("--judge-model", help="the judge model (default: the run's base model; needed with openai)")
+    p.add_argument("--judge-base-url", action="append", default=[], metavar="URL",
+                   help="openai judge: an endpoint, e.g. http://10.0.0.5:8000/v1; repeat for several")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="openai judge: the environment variable holding its API key (default: %(default)s)")
+    p.add_argument("--judge-concurrency", type=int, default=32, help="openai judge: requests in flight "
+                                                                     "(default: %(default)s)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -289,7 +339,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                    rounds=args.rounds, sampling=sampling, batch_size=args.batch_size,
                                    skip_long=args.skip_long, supersede_all=args.supersede, progress=progress,
                                    model_source=args.model if args.backend == "local" else None,
-                                   constitution_path=args.constitution)
+                                   constitution_path=args.constitution, prompts_source=str(args.prompts))
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/]: finished batches are saved in {display_path(args.out)}; "
                   "run the same command again to continue")
@@ -316,9 +366,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train = argparse.Namespace(stage="sft", run=args.out, config=None, overwrite=False, help_config=False,
                                extra=flags)
     rc = cmd_train(train)
+    if rc != 0 or args.eval_red_team <= 0:
+        return rc
+    rc = cmd_eval(argparse.Namespace(run=args.out, eval_red_team=args.eval_red_team, eval_helpful=args.eval_helpful,
+                                     eval_records=args.eval_records, eval_max_new_tokens=args.eval_max_new_tokens,
+                                     device=args.device, seed=args.seed))
     if rc == 0:
-        _console().print(f"next: [bold]cai train dpo {display_path(args.out)}[/], "
-                         f"[bold]cai merge {display_path(args.out / 'adapters' / 'sft')} -o merged/[/]")
+        run = display_path(args.out)
+        _console().print(f"\n[bold]done.[/] report: [bold]{run}/eval/report.html[/]\n"
+                         f"serve the adapter: [bold]cai serve --adapter {run}/adapters/sft[/]  (then "
+                         f"model \"sft\" at http://127.0.0.1:8000/v1)\n"
+                         f"next: cai train dpo {run}, cai eval {run}")
     return rc
 
 
@@ -416,6 +474,133 @@ def cmd_train(args: argparse.Namespace) -> int:
     t.add_row("manifest", f"{out}/manifest.json, loss curve {out}/loss.png")
     _console().print(t)
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cai.datasets import read_run_info
+    from cai.evaluate import EvalOptions, plan_eval, run_eval
+
+    err = _console(stderr=True)
+    opts = EvalOptions(red_team=args.eval_red_team, helpful=args.eval_helpful, records=args.eval_records,
+                       prompts=getattr(args, "eval_prompts", None),
+                       helpful_prompts=getattr(args, "helpful_prompts", "data/prompts/helpful.jsonl"),
+                       principles=tuple(getattr(args, "principles", ())),
+                       adapters=tuple(args.adapters) if getattr(args, "adapters", None) else None,
+                       max_new_tokens=args.eval_max_new_tokens, temperature=getattr(args, "temperature", 0.7),
+                       top_p=getattr(args, "top_p", 0.95), seed=getattr(args, "seed", 0),
+                       batch_size=getattr(args, "batch_size", None) or 16)
+    if opts.batch_size < 1 or opts.max_new_tokens < 1:
+        raise CaiError("--batch-size and --max-new-tokens must be at least 1")
+    plan = plan_eval(args.run, opts)
+    for note in plan.notes:
+        err.print(f"[yellow]note[/]: {note}", soft_wrap=True)
+    info = read_run_info(args.run)
+    device = getattr(args, "device", None)
+    judge_kind = getattr(args, "judge_backend", "local")
+    _quiet_libraries()
+    shared: dict = {}
+
+    def base_backend():
+        if "base" not in shared:
+            from cai.backends import make_backend
+
+            kind = info.get("backend") or "local"
+            model = info.get("model_source") or info.get("model")
+            options = ({"base_urls": info.get("base_urls") or [], "api_key_env": getattr(args, "api_key_env",
+                                                                                           "OPENAI_API_KEY")}
+                       if kind == "openai" else {})
+            with err.status(f"loading model {model} ..."):
+                shared["base"] = make_backend(kind, model, device=device, **options)
+        return shared["base"]
+
+    def answerer(m):
+        if m.adapter is None:
+            return base_backend()
+        from cai.backends.local import LocalBackend
+
+        shared.pop("adapter", None)      # one adapter model in memory at a time
+        with err.status(f"loading adapter {m.name} (merged into its base) ..."):
+            shared["adapter"] = LocalBackend(info.get("model_source") or info.get("model"), device=device,
+                                             adapter=str(m.adapter))
+        return shared["adapter"]
+
+    judge = _make_judge(args, info, judge_kind, base_backend, device, err)
+    bar, progress = _eval_bar(err)
+    t0 = time.perf_counter()
+    try:
+        with bar:
+            report = run_eval(plan, opts, answerer, judge, progress)
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/]: answers and judgements so far are saved in "
+                  f"{display_path(args.run / 'eval')}; run the same command again to continue")
+        return EXIT_INTERRUPTED
+    out = display_path(args.run / "eval")
+    con = _console()
+    con.print(f"[bold]cai eval → {out}[/] ({time.perf_counter() - t0:.0f}s)")
+    for line in report["summary"]:
+        con.print(line, markup=False, highlight=False, soft_wrap=True)
+    con.print(f"report: {out}/report.html (figures: {out}/report.json)")
+    return 0
+
+
+def _make_judge(args, info: dict, kind: str, base_backend, device, err):
+    from cai.judge import EndpointJudge, LocalJudge
+
+    model = getattr(args, "judge_model", None)
+    if kind == "openai":
+        from cai.backends.openai import OpenAIBackend
+
+        urls = getattr(args, "judge_base_url", [])
+        if not urls or not model:
+            raise CaiError("--judge-backend openai needs --judge-base-url URL and --judge-model NAME")
+        _check_reachable(urls)
+        return EndpointJudge(OpenAIBackend(model, base_urls=urls, api_key_env=args.judge_api_key_env,
+                                           concurrency=args.judge_concurrency, max_retries=2))
+    batch = getattr(args, "batch_size", None) or 16
+    base = info.get("model_source") or info.get("model")
+    if model in (None, base) and (info.get("backend") or "local") == "local":
+        return LocalJudge(base_backend(), batch_size=batch)
+    if model is None:
+        raise CaiError(f"the run was generated with the {info.get('backend')} backend: name a local judge model "
+                       "with --judge-model, or use --judge-backend openai")
+    from cai.backends.local import LocalBackend
+
+    with err.status(f"loading judge model {model} ..."):
+        return LocalJudge(LocalBackend(model, device=device), batch_size=batch)
+
+
+def _check_reachable(urls: list[str]) -> None:
+    """Fail at once, with the address, when no judge endpoint answers at all (instead of after every retry)."""
+    import httpx
+
+    reasons = []
+    for url in urls:
+        try:
+            httpx.get(url.rstrip("/") + "/models", timeout=5.0)
+            return
+        except httpx.HTTPError as e:
+            reasons.append(f"{url}: {type(e).__name__}")
+    raise CaiError(f"the judge endpoint is unreachable ({'; '.join(reasons)})",
+                   hint="Check --judge-base-url (it usually ends in /v1) and that the server is up.")
+
+
+def _eval_bar(console):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    from cai.evaluate import EvalProgress
+
+    bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    state: dict = {"task": None}
+
+    def phase(label: str, total: int) -> None:
+        state["task"] = bar.add_task(label, total=total)
+
+    def advance(n: int) -> None:
+        bar.advance(state["task"], n)
+
+    return bar, EvalProgress(phase=phase, advance=advance, note=lambda text: console.print(text))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -183,7 +183,8 @@ def _superseded_prompts(out: Path) -> set[str]:
 def run_generate(*, constitution: Constitution, items: list[PromptItem], backend: Backend, out: str | Path,
                  rounds: int = 1, sampling=None, batch_size: int = 16, skip_long: bool = False,
                  supersede_all: bool = False, progress: Progress | None = None,
-                 model_source: str | None = None, constitution_path: str | Path | None = None) -> Summary:
+                 model_source: str | None = None, constitution_path: str | Path | None = None,
+                 prompts_source: str | None = None) -> Summary:
     """``model_source`` is the model as the user named it (``default``, a folder, a hub id): later commands (``cai
     data build``, ``cai train``) load the same model from it; ``constitution_path`` is kept for the same reason.
     ``rounds=0`` answers the prompts only (helpfulness data)."""
@@ -205,7 +206,7 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
         stale = {rid for rid, r in store.records.items() if r["prompt_id"] in wanted and wanted[r["prompt_id"]] != rid}
         superseded_prompts |= {store.records[rid]["prompt_id"] for rid in stale}
         summary.superseded += store.supersede(stale)
-        _write_run_file(out, prep.info, constitution, backend, gen, model_source, constitution_path)
+        _write_run_file(out, prep.info, constitution, backend, gen, model_source, constitution_path, prompts_source)
         for prompt_id, issue in long_issues.items():
             store.append_error({"prompt_id": prompt_id, "stage": "preflight", "reason": "context_length",
                                 "message": str(issue), "at": _now()})
@@ -252,8 +253,16 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _source_path(spec: str | None) -> str | None:
+    """A prompt file as an absolute path (so it is found from anywhere); a hub dataset name as given."""
+    if not spec:
+        return None
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
 def _write_run_file(out: Path, info: dict | None, c: Constitution, backend: Backend, gen: Generator,
-                    model_source: str | None, constitution_path: str | Path | None) -> None:
+                    model_source: str | None, constitution_path: str | Path | None,
+                    prompts_source: str | None = None) -> None:
     run = {
         "constitution": {"name": c.name, "version": c.version, "sha256": c.sha256,
                          "path": str(Path(constitution_path).resolve()) if constitution_path
@@ -261,6 +270,8 @@ def _write_run_file(out: Path, info: dict | None, c: Constitution, backend: Back
         "model": backend.model,
         "model_source": model_source or (info or {}).get("model_source"),
         "model_revision": backend.model_revision,
+        # the prompt file (or hub dataset) the records came from: `cai eval` holds out what was never trained on
+        "prompts": _source_path(prompts_source) or (info or {}).get("prompts"),
         "backend": backend.name,
         # the endpoints of an openai-backend run, so `cai data build --helpful-mix` can answer with the same ones
         "base_urls": list(getattr(backend, "base_urls", None) or []) or None,

@@ -134,10 +134,11 @@ class ChatModel:
 
 
 def load_chat_model(model: str | None, device: str | None = None, dtype: str | None = None,
-                    weights: bool = True) -> ChatModel:
+                    weights: bool = True, adapter: str | None = None) -> ChatModel:
     """Resolve and load a chat model: fp32 on CPU, bf16 on GPUs that have it; a clear ModelError for a model that
     cannot load, has no chat template or no end-of-sequence token. The tokenizer gets a pad token (EOS) if it has
-    none. ``weights=False`` loads the tokenizer and config only (enough to count tokens)."""
+    none. ``weights=False`` loads the tokenizer and config only (enough to count tokens). ``adapter``: a LoRA adapter
+    folder that training wrote, merged into the weights it was trained against (``cai.train.merged_model``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -148,7 +149,12 @@ def load_chat_model(model: str | None, device: str | None = None, dtype: str | N
         torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.revision)
-        if weights:
+        if weights and adapter:
+            from cai.train import merged_model
+
+            lm, _ = merged_model(adapter, dtype=str(torch_dtype).removeprefix("torch."), device=device)
+            cfg = lm.config
+        elif weights:
             lm = AutoModelForCausalLM.from_pretrained(resolved.path, revision=resolved.revision, dtype=torch_dtype)
             cfg = lm.config
         else:

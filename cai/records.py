@@ -275,3 +275,50 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+class KeyedLog:
+    """An append-only ``{"key": ..., "value": ...}`` JSONL file: work that is expensive to redo (``cai eval``'s
+    answers and judgements), saved as it finishes. Each :meth:`add` is one write plus fsync, so a kill loses at most
+    the batch in flight; a torn last line is cut off on open. Deleting the file only costs recomputation."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _repair_tail(path)
+        self.values: dict[str, Any] = {}
+        for n, obj in read_jsonl(path):
+            if not isinstance(obj, dict) or "key" not in obj or "value" not in obj:
+                raise RunFolderError(f"{display_path(path)}:{n}: not a cache entry (no key/value)",
+                                     hint=f"Delete {display_path(path)}: it only saves recomputation.")
+            self.values[obj["key"]] = obj["value"]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def add(self, entries: dict[str, Any]) -> None:
+        fresh = {k: v for k, v in entries.items() if k not in self.values}
+        if fresh:
+            _append_lines(self.path, [{"key": k, "value": v} for k, v in fresh.items()])
+            self.values.update(fresh)
+
+
+@contextlib.contextmanager
+def folder_lock(root: Path, what: str) -> Iterator[None]:
+    """Keep two cai processes out of one folder (a second one gets a clear error, not interleaved writes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = open(root / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RunFolderError(f"{display_path(root)} is in use by another cai process ({what})",
+                             hint="Wait for it to finish.") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()

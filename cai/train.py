@@ -675,21 +675,51 @@ def _jsonable(obj: Any) -> Any:
 
 def merge_adapter(adapter: str | Path, out: str | Path, *, dtype: str = "auto", force: bool = False,
                   progress: TrainProgress | None = None) -> dict:
-    """Write base + adapter as one plain safetensors model folder any tool can load. An adapter trained on a 4-bit
-    base is merged into the dequantized 4-bit weights (the weights it was trained against), not the original ones.
+    """Write base + adapter as one plain safetensors model folder any tool can load (see :func:`merged_model`).
     Returns a summary (what was merged, where)."""
+    adapter, out = Path(adapter), Path(out)
+    _adapter_config(adapter)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise RunFolderError(f"{display_path(out)} exists and is not empty", hint="Choose another -o, or --force.")
+    model, info = merged_model(adapter, dtype=dtype, progress=progress)
+    clean = clean_model(model)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(str(tmp))
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(tmp))
+    summary = {"adapter": str(adapter.resolve()), "adapter_manifest": info["manifest"] or None,
+               "base_model": info["base_model"], "dequantized_from_4bit": info["dequantized_from_4bit"],
+               "dtype": info["dtype"], "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "cai_version": __version__}
+    write_json_atomic(tmp / "cai_merge.json", summary)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return summary
+
+
+def _adapter_config(adapter: Path) -> Path:
+    cfg_path = adapter / "adapter_config.json"
+    if not cfg_path.exists():
+        raise TrainingError(f"{display_path(adapter)} is not an adapter folder (no adapter_config.json)",
+                            hint="Pass a finished adapter, e.g. runs/demo/adapters/sft.")
+    return cfg_path
+
+
+def merged_model(adapter: str | Path, *, dtype: str = "auto", device: str | None = None,
+                 progress: TrainProgress | None = None):
+    """Base + adapter as one plain model in memory: ``(model, info)``. An adapter trained on a 4-bit base is merged
+    into the dequantized 4-bit weights (the weights it was trained against), not the original ones. ``info`` names
+    the base, the dtype, whether it was dequantized, and the adapter's manifest."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     progress = progress or TrainProgress()
-    adapter, out = Path(adapter), Path(out)
-    cfg_path = adapter / "adapter_config.json"
-    if not cfg_path.exists():
-        raise TrainingError(f"{display_path(adapter)} is not an adapter folder (no adapter_config.json)",
-                            hint="Pass a finished adapter, e.g. runs/demo/adapters/sft.")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise RunFolderError(f"{display_path(out)} exists and is not empty", hint="Choose another -o, or --force.")
+    adapter = Path(adapter)
+    cfg_path = _adapter_config(adapter)
     manifest = _read_json(adapter / MANIFEST) if (adapter / MANIFEST).exists() else {}
     base = manifest.get("base_model") or {}
     base_path = base.get("path") or _read_json(cfg_path).get("base_model_name_or_path")
@@ -702,7 +732,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, dtype: str = "auto", 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     progress.status(f"loading {base.get('id') or base_path}" + (" in 4-bit to dequantize" if four_bit else ""))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if four_bit:
         from transformers import BitsAndBytesConfig
 
@@ -716,22 +746,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, dtype: str = "auto", 
         model = AutoModelForCausalLM.from_pretrained(base_path, revision=base.get("revision"), dtype=torch.float32)
     progress.status("merging")
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    model = model.to(getattr(torch, dtype))
-    clean = _clean_model(model)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    clean.save_pretrained(str(tmp))
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(tmp))
-    summary = {"adapter": str(adapter.resolve()), "adapter_manifest": manifest or None, "base_model": base_path,
-               "dequantized_from_4bit": four_bit, "dtype": dtype, "merged_at":
-               datetime.now(timezone.utc).isoformat(timespec="seconds"), "cai_version": __version__}
-    write_json_atomic(tmp / "cai_merge.json", summary)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return summary
+    model = model.to(device=device, dtype=getattr(torch, dtype))
+    return model, {"base_model": base_path, "base_id": base.get("id") or base_path, "dtype": dtype,
+                   "dequantized_from_4bit": four_bit, "manifest": manifest}
 
 
 def _config_dtype(path: str, revision: str | None) -> str | None:
@@ -745,7 +762,7 @@ def _config_dtype(path: str, revision: str | None) -> str | None:
     return str(d).removeprefix("torch.") if d is not None else None
 
 
-def _clean_model(model):
+def clean_model(model):
     """A copy of the model with no quantization config (transformers refuses to save a dequantized bnb model
     as it is): the same class from the config, loaded with the merged weights."""
     import torch

@@ -34,6 +34,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str   # "stop" (end of sequence), "length" (hit max_new_tokens: the text is cut off), "error"
     error: str | None = None   # set when the request failed for good: the text is not an answer, never recorded
+    top_logprobs: dict[str, float] | None = None   # first token's top alternatives (token -> log-prob), when asked
 
 
 @runtime_checkable

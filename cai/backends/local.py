@@ -69,10 +69,11 @@ class LocalBackend:
     MAX_ENTRIES = 4       # cached prefixes kept (least recently used dropped)
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                 prefix_cache: bool = True, weights: bool = True):
+                 prefix_cache: bool = True, weights: bool = True, adapter: str | None = None):
         """``weights=False`` loads the tokenizer and config only: enough to count tokens (``cai generate
-        --dry-run``), not to generate."""
-        loaded = load_chat_model(model, device, dtype, weights=weights)
+        --dry-run``), not to generate. ``adapter``: a LoRA adapter folder of this base model, merged in."""
+        loaded = load_chat_model(model, device, dtype, weights=weights, adapter=adapter)
+        self.adapter = adapter
         self.tokenizer, self.lm, self.device = loaded.tokenizer, loaded.lm, loaded.device
         self.model, self.model_revision = loaded.model_id, loaded.revision
         self.context_length, self.eos_ids = loaded.context_length, loaded.eos_ids

@@ -154,13 +154,20 @@ class OpenAIBackend:
             self._client = httpx.AsyncClient(limits=limits, headers=headers, timeout=self.timeout)
         return self._client
 
-    async def agenerate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
+    def first_token_logprobs(self, batch: list[list[Message]], top: int = 20) -> list[Completion]:
+        """One greedy token per conversation, with the ``top`` most likely first tokens and their log-probabilities
+        (``Completion.top_logprobs``; None where the endpoint returns none). What the judge reads."""
+        extra = {"logprobs": True, "top_logprobs": top}
+        return self.run(self.agenerate(batch, Sampling(temperature=0.0, max_new_tokens=1), 0, extra=extra))
+
+    async def agenerate(self, batch: list[list[Message]], sampling: Sampling, seed: int,
+                        extra: dict | None = None) -> list[Completion]:
         client = self._http()
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(i: int, messages: list[Message]) -> Completion:
             async with sem:
-                return await self._request(client, messages, sampling, seed + i)
+                return await self._request(client, messages, sampling, seed + i, extra)
 
         first: list[Completion] = []
         if not self._verified and batch:
@@ -178,9 +185,10 @@ class OpenAIBackend:
 
     # -- one request, with retries --------------------------------------------------------------------------------
 
-    async def _request(self, client, messages: list[Message], sampling: Sampling, seed: int) -> Completion:
+    async def _request(self, client, messages: list[Message], sampling: Sampling, seed: int,
+                       extra: dict | None = None) -> Completion:
         body = {"model": self.model, "messages": messages, "max_tokens": sampling.max_new_tokens,
-                "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": seed}
+                "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": seed, **(extra or {})}
         reason = "no attempt"
         for attempt in range(self.max_retries + 1):
             ep = await self._pick()
@@ -239,7 +247,7 @@ class OpenAIBackend:
         usage = data.get("usage") or {}
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
         return Completion(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-                          finish)
+                          finish, top_logprobs=_first_top_logprobs(choice))
 
     # -- endpoint rotation -----------------------------------------------------------------------------------------
 
@@ -262,6 +270,17 @@ class OpenAIBackend:
             ep.down_until = time.monotonic() + ep.cooldown
             ep.failures = 0
             log.warning("endpoint %s out of rotation for %.0fs after repeated failures", ep.url, ep.cooldown)
+
+
+def _first_top_logprobs(choice: dict) -> dict[str, float] | None:
+    """The first generated token's top alternatives from an OpenAI ``logprobs`` object, or None if it has none."""
+    try:
+        first = choice["logprobs"]["content"][0]
+        top = {str(t["token"]): float(t["logprob"]) for t in first.get("top_logprobs") or []}
+        top.setdefault(str(first["token"]), float(first["logprob"]))
+        return top
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 def _retry_after(value: str | None) -> float | None:
