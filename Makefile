@@ -29,10 +29,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
 bench: $(STAMP)
-	$(BIN)/python bench/generate.py
-	$(BIN)/python bench/scale.py
-	$(BIN)/python bench/incremental.py
-	$(BIN)/python bench/train.py
+	$(BIN)/python bench/all.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

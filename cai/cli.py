@@ -376,7 +376,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _console().print(f"\n[bold]done.[/] report: [bold]{run}/eval/report.html[/]\n"
                          f"serve the adapter: [bold]cai serve --adapter {run}/adapters/sft[/]  (then "
                          f"model \"sft\" at http://127.0.0.1:8000/v1)\n"
-                         f"next: cai train dpo {run}, cai eval {run}")
+                         f"next: cai train dpo {run}, cai eval {run}", soft_wrap=True)
     return rc
 
 

@@ -328,7 +328,9 @@ def build_report(plan: EvalPlan, opts: EvalOptions, answers: dict[str, dict[str,
         ci = cluster_bootstrap_ci(groups, seed=opts.seed)
         harm[model] = {
             "overall": {"k": int(sum(flat)), "n": len(flat), "rate": _mean(flat), "lo": ci[0] if ci else None,
-                        "hi": ci[1] if ci else None, "interval": "bootstrap over prompts, 95%"},
+                        "hi": ci[1] if ci else None, "interval": "bootstrap over prompts, 95%",
+                        "mean_p": _mean([judged[("harm", model, it.id, p.id)] for it in plan.red_team
+                                         for p in plan.principles])},
             "per_principle": per_principle,
             "unjudged": sum(1 for k, v in judged.items() if k[0] == "harm" and k[1] == model and v is None),
         }

@@ -117,37 +117,55 @@ class LocalJudge:
         self.model = backend.model
         self.batch_size = batch_size
         self.yes_ids, self.no_ids = answer_token_ids(backend.tokenizer)
+        self.shared_rows = 0      # rows scored over a shared, once-computed prefix (for tests and benchmarks)
 
     def count_tokens(self, prompt: list[Message]) -> int:
         return self.backend.count_tokens(prompt)
 
     def prob_yes(self, prompts: list[list[Message]]) -> list[float | None]:
+        """Prompts about the same conversation (every principle asked of one answer) go through one forward pass
+        whose shared beginning is computed once: the shared-prefix attention of the local backend, the same
+        machinery its generation uses, so a question costs only its own tokens."""
         tok = self.backend.tokenizer
         ids = [tok(self.backend.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
         limit = self.backend.context_length
         out: list[float | None] = [None] * len(prompts)
-        # similar lengths together: less padding per batch
-        order = sorted((i for i in range(len(ids)) if not limit or len(ids[i]) < limit), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            for i, p in zip(chunk, self._batch([ids[i] for i in chunk])):
-                out[i] = p
+        fits = [i for i in range(len(ids)) if not limit or len(ids[i]) < limit]
+        groups: dict[str, list[int]] = {}
+        for i in fits:      # by conversation: the text up to the question
+            groups.setdefault(prompts[i][0]["content"].split("</conversation>")[0], []).append(i)
+        for members in groups.values():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                for i, p in zip(chunk, self._batch([ids[i] for i in chunk])):
+                    out[i] = p
         return out
 
     def logits(self, rows: list[list[int]]):
         """Next-token logits (batch, vocab) after each row, from one left-padded forward pass. Position ids count
-        real tokens only, so a padded row is scored exactly as it would be alone."""
+        real tokens only, so a padded row is scored exactly as it would be alone. The rows' common beginning, when
+        long enough, is computed once and attended by every row (``cai.backends.prefix_attention``)."""
         import torch
 
-        width = max(len(r) for r in rows)
-        pad = self.backend.tokenizer.pad_token_id
-        device = self.backend.device
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        common = _common_prefix(rows)
+        b = self.backend
+        extra: dict = {}
+        p = 0
+        if b.shared_prefix and len(rows) > 1 and common >= b.MIN_PREFIX:
+            from cai.backends.prefix_attention import SuffixCache
+
+            p = common
+            self.shared_rows += len(rows)
+            extra["past_key_values"] = SuffixCache(b.lm.config, b._prefill(tuple(rows[0][:p])))
+        suffixes = [r[p:] for r in rows]
+        width = max(len(r) for r in suffixes)
+        pad = b.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in suffixes], device=b.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in suffixes], device=b.device)
+        positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            out = self.backend.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                                  logits_to_keep=1)
+            out = b.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=bool(extra),
+                       logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()
 
     def _batch(self, rows: list[list[int]]) -> list[float]:
@@ -157,6 +175,16 @@ class LocalJudge:
         yes = torch.logsumexp(logp[:, self.yes_ids], dim=-1)
         no = torch.logsumexp(logp[:, self.no_ids], dim=-1)
         return [two_way(y, n) for y, n in zip(yes.tolist(), no.tolist())]
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving at least one token of each row outside."""
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    first = rows[0]
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
 
 
 @dataclass

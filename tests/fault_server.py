@@ -4,7 +4,7 @@ A real HTTP server (threads) in the calling process. By default every request ge
 of the messages). ``add(kind, times, match)`` queues a fault for the next ``times`` requests whose last user message
 contains ``match`` (any request when None). Kinds: ``429`` (with ``Retry-After``), ``500``, ``503``, ``garbage``
 (a body that is not JSON), ``empty`` (an empty choice list), ``length`` (a truncated answer: finish_reason
-"length"), ``hang`` (answer only after ``hang_s``), ``drop`` (close the connection without answering). ``api_key``
+"length"), ``nologprobs`` (no log-probabilities even when asked), ``hang`` (answer only after ``hang_s``), ``drop`` (close the connection without answering). ``api_key``
 makes every request without ``Authorization: Bearer <api_key>`` a 401. ``delay`` delays every answer (benchmarks).
 ``slots`` models a server's limited capacity: at most ``slots`` answers are being worked on at once (``delay`` is
 spent holding a slot), later requests wait their turn; None (the default) answers every request at once.
@@ -154,10 +154,31 @@ class FaultServer:
         finally:
             if self._slots:
                 self._slots.release()
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        if req.get("logprobs") and kind != "nologprobs":
+            choice["logprobs"] = self.logprobs(req["messages"], int(req.get("top_logprobs") or 0))
         self._send(h, 200, {"id": "c" + digest, "object": "chat.completion", "model": req.get("model"),
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                         "finish_reason": finish}],
+                            "choices": [choice],
                             "usage": {"prompt_tokens": 10, "completion_tokens": len(text.split())}})
+
+    @staticmethod
+    def yes_probability(messages: list[dict]) -> float:
+        """The P(yes) this server's log-probabilities encode for a conversation (deterministic, in [0.05, 0.95])."""
+        digest = hashlib.sha256(json.dumps(messages).encode()).hexdigest()
+        return 0.05 + 0.9 * int(digest[:8], 16) / 0xFFFFFFFF
+
+    @classmethod
+    def logprobs(cls, messages: list[dict], top: int) -> dict:
+        """An OpenAI ``logprobs`` object for a one-token answer: "Yes" and " No" share 90% of the mass in the ratio
+        of :meth:`yes_probability`; "Maybe" holds the other 10%."""
+        import math
+
+        p = cls.yes_probability(messages)
+        alts = [("Yes", math.log(0.9 * p)), (" No", math.log(0.9 * (1 - p))), ("Maybe", math.log(0.1))]
+        alts.sort(key=lambda a: -a[1])
+        first = alts[0]
+        return {"content": [{"token": first[0], "logprob": first[1],
+                             "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alts[:top]]}]}
 
     @staticmethod
     def _send(h, status: int, obj: dict, headers: dict | None = None) -> None:
