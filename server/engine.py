@@ -275,6 +275,11 @@ class Engine:
         self._durations: deque[float] = deque(maxlen=32)   # seconds from start to end of recent requests
         self.tokens_generated = 0
         self.error: str | None = None
+        # the chat template's fixed head (system prompt and the first role marker), which nearly every prompt starts
+        # with: its keys/values are computed once per model and copied into each prefill instead of recomputed
+        self.head: tuple[int, ...] = self._template_head()
+        self._heads: dict[str, Any] = {}        # model name -> DynamicCache of the head (batch 1)
+        self.head_rows = 0                      # rows whose prefill reused the head (for tests and benchmarks)
 
     # -- loading ---------------------------------------------------------------------------------------------
 
@@ -368,6 +373,18 @@ class Engine:
 
     def _encode(self, messages: list[Message]) -> list[int]:
         return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
+
+    MIN_HEAD = 8    # tokens: a shorter head is not worth a cache
+
+    def _template_head(self) -> tuple[int, ...]:
+        """The tokens one-user-message prompts start with (what differently starting prompts share), less one so a
+        prompt always has a token of its own after it. A prompt whose first characters merge with the head's last
+        token differently simply does not use it (checked per prefill)."""
+        probes = [self._encode([{"role": "user", "content": c}]) for c in ("a", "zz", "Hi", "The 1", " x", "\n?")]
+        n = 0
+        while n < min(map(len, probes)) - 1 and all(p[n] == probes[0][n] for p in probes):
+            n += 1
+        return tuple(probes[0][:n]) if n >= self.MIN_HEAD else ()
 
     # -- submitting ------------------------------------------------------------------------------------------
 
@@ -637,21 +654,47 @@ class Engine:
             wave = self._compact(wave)
 
     def _prefill(self, requests: list[_Request]) -> _Wave:
-        """One forward pass over the left-padded prompts; samples each row's first token."""
+        """One forward pass over the left-padded prompts; samples each row's first token. When every prompt starts
+        with the template head, its cached keys/values are copied into each row and only the rest is computed:
+        rows are laid out [head][padding][own tokens], positions count real tokens only."""
+        import copy
+
         import torch
         from transformers import DynamicCache
 
         lengths = [len(r.prompt_ids) for r in requests]
-        width = max(lengths)
-        ids = torch.tensor([[self.pad_id] * (width - n) + r.prompt_ids for r, n in zip(requests, lengths)],
+        h = len(self.head)
+        if not (h and all(n > h and tuple(r.prompt_ids[:h]) == self.head for r, n in zip(requests, lengths))):
+            h = 0
+        width = max(lengths) - h
+        ids = torch.tensor([[self.pad_id] * (width - (n - h)) + r.prompt_ids[h:] for r, n in zip(requests, lengths)],
                            device=self.device)                                     # [rows, width]
-        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=self.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)                          # pads never shift positions
-        cache = DynamicCache(config=self._lm.config)
+        tail = torch.tensor([[0] * (width - (n - h)) + [1] * (n - h) for n in lengths], device=self.device)
+        position_ids = h + (tail.cumsum(-1) - 1).clamp(min=0)                      # pads never shift positions
+        if h:
+            cache = copy.deepcopy(self._head_cache(requests[0].model))
+            cache.batch_repeat_interleave(len(requests))
+            mask = torch.cat([torch.ones(len(requests), h, dtype=tail.dtype, device=self.device), tail], dim=1)
+            self.head_rows += len(requests)
+        else:
+            cache, mask = DynamicCache(config=self._lm.config), tail
         logits = self._forward(ids, mask, position_ids, cache)
         wave = _Wave(list(requests), cache, mask, torch.tensor(lengths, device=self.device), None)
         self._advance(wave, logits)
         return wave
+
+    def _head_cache(self, model: str) -> Any:
+        """The template head's keys/values under ``model`` (an adapter changes them), computed on first use."""
+        import torch
+        from transformers import DynamicCache
+
+        if model not in self._heads:
+            cache = DynamicCache(config=self._lm.config)
+            ids = torch.tensor([self.head], device=self.device)
+            self._model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            self._heads[model] = cache
+        return self._heads[model]
 
     def _step(self, wave: _Wave) -> None:
         """One decode step: feed every row its last token, sample the next."""

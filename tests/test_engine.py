@@ -142,6 +142,24 @@ def test_greedy_in_a_wave_of_four_different_lengths_equals_hf_generate(make_engi
         assert (results[i].text, results[i].completion_tokens, results[i].finish_reason) == (text, tokens, reason)
 
 
+def test_the_template_head_computed_once_changes_no_token(make_engine, reference, monkeypatch):
+    # the tiny chat template's head ("<|im_start|>user\n") is shorter than the default minimum: allow it here
+    monkeypatch.setattr(Engine, "MIN_HEAD", 1)
+    e = make_engine(start=False, max_batch=8)
+    convs = [c for c in CONVERSATIONS if tuple(e._encode(c)[:len(e.head)]) == e.head]
+    assert e.head and len(convs) >= 3
+    handles = [e.submit("base", c, GREEDY) for c in convs]
+    e.start()
+    results = [h.result(30) for h in handles]
+    assert e.head_rows == len(convs)                 # every row's prefill reused the head
+    for conv, done in zip(convs, results):
+        text, tokens, reason = reference.greedy(conv, GREEDY.max_tokens)
+        assert (done.text, done.completion_tokens, done.finish_reason) == (text, tokens, reason)
+    # and a wave joined later reuses the same head cache
+    later = run(e, "base", convs[0], GREEDY)
+    assert later.text == results[0].text and e.head_rows == len(convs) + 1
+
+
 def test_a_request_admitted_into_a_running_wave_is_still_exact(make_engine, reference):
     e = make_engine(max_batch=4)
 
