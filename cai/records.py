@@ -93,13 +93,12 @@ def read_records(path: str | Path) -> list[Record]:
 
 @dataclass
 class OpenStore:
-    """A run folder opened for writing (holds the lock until closed)."""
+    """A run folder opened for writing (``open_store`` holds its lock while it is open)."""
 
     root: Path
     records: dict[str, dict] = field(default_factory=dict)     # id -> record, as on disk
     torn_bytes: int = 0          # size of a torn last line cut off on open (0 if none)
     stages: dict[str, Completion] = field(default_factory=dict)   # the stage cache: stage key -> completion
-    _lock: Any = None
 
     @property
     def records_path(self) -> Path:
@@ -150,26 +149,12 @@ class OpenStore:
         self.records = {r["id"]: r for r in keep}
         return len(moving)
 
-    def close(self) -> None:
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
-
 
 @contextlib.contextmanager
 def open_store(root: str | Path) -> Iterator[OpenStore]:
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    lock = open(root / ".lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise RunFolderError(f"{display_path(root)} is in use by another cai process",
-                             hint="Wait for it to finish, or choose another --out folder.") from None
-    store = OpenStore(root, _lock=lock)
-    try:
+    with folder_lock(root, "cai generate", hint="Wait for it to finish, or choose another --out folder."):
+        store = OpenStore(root)
         store.torn_bytes = _repair_tail(store.records_path)
         for n, obj in read_jsonl(store.records_path):
             if not isinstance(obj, dict) or "id" not in obj or "prompt_id" not in obj:
@@ -178,8 +163,6 @@ def open_store(root: str | Path) -> Iterator[OpenStore]:
         _repair_tail(root / STAGES_FILE)
         store.stages = read_stage_cache(root)
         yield store
-    finally:
-        store.close()
 
 
 STAGES_FILE = "stages.jsonl"
@@ -307,7 +290,7 @@ class KeyedLog:
 
 
 @contextlib.contextmanager
-def folder_lock(root: Path, what: str) -> Iterator[None]:
+def folder_lock(root: Path, what: str, hint: str = "Wait for it to finish.") -> Iterator[None]:
     """Keep two cai processes out of one folder (a second one gets a clear error, not interleaved writes)."""
     root.mkdir(parents=True, exist_ok=True)
     lock = open(root / ".lock", "w")
@@ -315,8 +298,7 @@ def folder_lock(root: Path, what: str) -> Iterator[None]:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise RunFolderError(f"{display_path(root)} is in use by another cai process ({what})",
-                             hint="Wait for it to finish.") from None
+        raise RunFolderError(f"{display_path(root)} is in use by another cai process ({what})", hint=hint) from None
     try:
         yield
     finally:
