@@ -8,6 +8,8 @@ What is measured, on the default model (SmolLM2-135M-Instruct, converted into a 
   * ``ours-unbatched``  `cai serve --model default --max-batch 1`
   * ``peer``        `transformers serve --continuous-batching --device cpu <model folder>` (the model folder is
                     the pinned model, and is also the `model` named in requests)
+- every arm loads the weights in one dtype: ``--dtype auto`` (the default) is what `cai serve` picks here, bf16 on a
+  CPU with bf16 in hardware (AVX512-BF16 or AMX), else fp32; the peer gets the same as ``--dtype``;
 - each server is started, waited on until ``/health`` answers 200, and warmed up with a few requests;
 - single client: a few sequential requests, one at a time (the single-client latency);
 - 16 concurrent clients (asyncio + httpx), each sending ``--requests`` requests in a row.
@@ -24,6 +26,7 @@ ratios against the targets: ours / peer ≥ 1.2 (tok/s), ours / unbatched ≥ 3 
 Run:
     .venv/bin/python bench/serve.py                   # ~5 minutes on the 2-core CPU
     .venv/bin/python bench/serve.py --arms ours peer  # a subset
+    .venv/bin/python bench/serve.py --dtype float32   # every arm in fp32
 """
 
 from __future__ import annotations
@@ -192,30 +195,31 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--single", type=int, default=4, help="sequential single-client requests")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="weights' dtype for every arm (auto: what `cai serve` picks on this CPU; the peer is given "
+                         "the same)")
     args = ap.parse_args()
     # SIGTERM (e.g. from `timeout`) raises SystemExit, so the `finally` below still stops the running server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from cai.models import resolve_model
+    from cai.models import choose_dtype, resolve_model
 
     model_dir = str(resolve_model("default").path)
     cai_bin = shutil.which("cai", path=str(BIN)) or str(BIN / "cai")
     tf_bin = shutil.which("transformers", path=str(BIN)) or str(BIN / "transformers")
 
+    dtype = str(choose_dtype("cpu", args.dtype)).removeprefix("torch.")
     logdir = Path(tempfile.mkdtemp(prefix="cai-bench-serve-"))
-    print(f"default model ({model_dir}), CPU, {args.clients} clients x {args.requests} requests, "
+    print(f"default model ({model_dir}), CPU, {dtype} weights in every arm, {args.clients} clients x {args.requests} requests, "
           f"max_tokens {args.max_tokens}, temperature 0; single client: {args.single} sequential requests; "
           f"logs in {logdir}", flush=True)
 
     def make(arm: str) -> Server:
         port = free_port()
-        if arm == "ours":
-            argv = [cai_bin, "serve", "--model", "default", "--port", str(port)]
-            return Server(arm, argv, port, "base", logdir)
-        if arm == "ours-unbatched":
-            argv = [cai_bin, "serve", "--model", "default", "--port", str(port), "--max-batch", "1"]
-            return Server(arm, argv, port, "base", logdir)
-        argv = [tf_bin, "serve", "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
+        if arm in ("ours", "ours-unbatched"):
+            argv = [cai_bin, "serve", "--model", "default", "--port", str(port), "--dtype", dtype]
+            return Server(arm, argv + (["--max-batch", "1"] if arm == "ours-unbatched" else []), port, "base", logdir)
+        argv = [tf_bin, "serve", "--continuous-batching", "--device", "cpu", "--dtype", dtype, "--host", "127.0.0.1",
                 "--port", str(port), model_dir]
         return Server(arm, argv, port, model_dir, logdir)
 

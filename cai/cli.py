@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cai import __version__
 from cai.errors import CaiError, display_path
+from cai.models import DTYPES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="adapter + base → a plain safetensors model folder")
     p.add_argument("adapter", type=Path, help="an adapter folder, e.g. runs/demo/adapters/dpo")
     p.add_argument("-o", "--output", type=Path, required=True, help="the model folder to write")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights' dtype (auto: the base model's; default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
     p.set_defaults(func=cmd_merge)
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=float, default=0.0,
                    help="after SIGTERM, seconds of 503 answers before the listener closes (default: %(default)s)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights' dtype (auto: bfloat16 on a GPU or CPU with bf16 in hardware — AVX512-BF16 or AMX — "
+                        "else float32; default: %(default)s)")
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -647,7 +651,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               + "".join(f", {n}" for n in adapters) + f"; {'API keys required' if keys else 'no API key'}",
               soft_wrap=True, markup=False)
     settings = Settings(model=args.model, adapters=adapters, constitutions=tuple(sources), api_keys=tuple(keys),
-                        limits=limits, device=args.device, max_batch=args.max_batch, queue_size=args.queue_size,
+                        limits=limits, device=args.device, dtype=args.dtype, max_batch=args.max_batch, queue_size=args.queue_size,
                         drain_grace_s=args.drain_grace)
     _quiet_libraries()
     return serve(settings, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")

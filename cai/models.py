@@ -133,9 +133,41 @@ class ChatModel:
     eos_ids: list[int]           # every end-of-turn id of the tokenizer and the generation config ([] without weights)
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")   # what a --dtype flag takes
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a GPU with bf16, or a CPU with AVX512-BF16 or AMX
+    (elsewhere bf16 is emulated on a CPU and slower than fp32)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, probe, lambda: False)())
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def choose_dtype(device: str, dtype: str | None = None) -> Any:
+    """The torch dtype to load weights in. A name (``float32``, ``bfloat16``, ``float16``) is taken as is.
+    ``None``, the library's default: bf16 on GPUs that have it, fp32 on CPU (records and merged adapters stay
+    exact). ``"auto"``: bf16 wherever :func:`native_bf16` says the hardware has it, CPUs included, else fp32; the
+    server's default, where a decode step in bf16 takes about half the time on such a CPU."""
+    import torch
+
+    if dtype not in (None, *DTYPES):
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype and dtype != "auto":
+        return getattr(torch, dtype)
+    bf16 = native_bf16(device) if dtype == "auto" else device.startswith("cuda") and native_bf16(device)
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def load_chat_model(model: str | None, device: str | None = None, dtype: str | None = None,
                     weights: bool = True, adapter: str | None = None) -> ChatModel:
-    """Resolve and load a chat model: fp32 on CPU, bf16 on GPUs that have it; a clear ModelError for a model that
+    """Resolve and load a chat model in the dtype :func:`choose_dtype` picks; a clear ModelError for a model that
     cannot load, has no chat template or no end-of-sequence token. The tokenizer gets a pad token (EOS) if it has
     none. ``weights=False`` loads the tokenizer and config only (enough to count tokens). ``adapter``: a LoRA adapter
     folder that training wrote, merged into the weights it was trained against (``cai.train.merged_model``)."""
@@ -144,9 +176,7 @@ def load_chat_model(model: str | None, device: str | None = None, dtype: str | N
 
     resolved = resolve_model(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # bf16 on GPUs that have it; fp32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)
-    torch_dtype = getattr(torch, dtype) if dtype else (
-        torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32)
+    torch_dtype = choose_dtype(device, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.revision)
         if weights and adapter:

@@ -68,7 +68,8 @@ class ServerState:
             return 503, {"status": "loading"}
         if self.engine.error or not self.engine.running:
             return 503, {"status": "failed", "error": self.engine.error or "the inference worker is not running"}
-        return 200, {"status": "ok", "models": self.engine.model_names, "queue_depth": self.engine.queue_depth,
+        return 200, {"status": "ok", "models": self.engine.model_names, "device": self.engine.device,
+                     "dtype": self.engine.dtype, "queue_depth": self.engine.queue_depth,
                      "in_flight": self.engine.in_flight}
 
 
@@ -80,8 +81,8 @@ def load_engine(settings: Settings) -> tuple[Any, dict[str, dict | None]]:
 
     model_id = resolve_model(settings.model).model_id
     manifests = {name: check_adapter(name, folder, model_id) for name, folder in settings.adapters.items()}
-    engine = Engine(settings.model, dict(settings.adapters), device=settings.device, max_batch=settings.max_batch,
-                    queue_size=settings.queue_size, base_name=settings.base_name)
+    engine = Engine(settings.model, dict(settings.adapters), device=settings.device, dtype=settings.dtype,
+                    max_batch=settings.max_batch, queue_size=settings.queue_size, base_name=settings.base_name)
     return engine, manifests
 
 
@@ -101,7 +102,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[BaseException], None] 
         st.engine, st.manifests = engine, manifests
         st.services = Services(engine, st.registry, settings.limits, manifests,  # type: ignore[arg-type]
                                on_usage=st.metrics.count_tokens)
-        log.info("serving %s on %s", ", ".join(engine.model_names), engine.device)
+        log.info("serving %s on %s (%s)", ", ".join(engine.model_names), engine.device, engine.dtype)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -287,6 +287,7 @@ class Engine:
         loaded = load_chat_model(model, device, dtype)
         lm = loaded.lm
         self.tokenizer, self.device = loaded.tokenizer, loaded.device
+        self.dtype = str(lm.dtype).removeprefix("torch.")
         self.model_id, self.model_revision = loaded.model_id, loaded.revision
         self.pad_id: int = self.tokenizer.pad_token_id
         self.eos_ids = loaded.eos_ids

@@ -43,6 +43,7 @@ class Settings:
     api_keys: tuple[str, ...] = ()                                # none: the server is open (it binds 127.0.0.1)
     limits: Limits = field(default_factory=Limits)
     device: str | None = None
+    dtype: str = "auto"            # weights' dtype; auto: bf16 where the GPU or CPU has bf16 in hardware, else fp32
     max_batch: int = 16
     queue_size: int = 64
     base_name: str = "base"                                       # the base model's name in /v1/models

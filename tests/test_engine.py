@@ -60,11 +60,11 @@ def engine(tiny_model_dir):
 class Reference:
     """What transformers' own ``generate`` (greedy, one prompt alone) gives."""
 
-    def __init__(self, model_dir, adapter_dir=None):
+    def __init__(self, model_dir, adapter_dir=None, dtype=torch.float32):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         if adapter_dir is not None:
             from peft import PeftModel
 
@@ -123,6 +123,16 @@ def test_greedy_alone_equals_hf_generate(engine, reference):
         done = run(engine, "base", conv, GREEDY)
         text, tokens, reason = reference.greedy(conv, GREEDY.max_tokens)
         assert (done.text, done.completion_tokens, done.finish_reason) == (text, tokens, reason)
+
+
+def test_a_bf16_engine_decodes_like_generate_in_bf16(make_engine, tiny_model_dir):
+    # `cai serve --dtype auto` picks bf16 on a CPU with bf16 in hardware: that path is the same decode loop
+    e = make_engine(dtype="bfloat16", max_batch=8)
+    assert e.dtype == "bfloat16" and next(e._lm.parameters()).dtype == torch.bfloat16
+    reference = Reference(tiny_model_dir, dtype=torch.bfloat16)
+    for conv in CONVERSATIONS:
+        done = run(e, "base", conv, GREEDY)
+        assert (done.text, done.completion_tokens, done.finish_reason) == reference.greedy(conv, GREEDY.max_tokens)
 
 
 def test_greedy_in_a_wave_of_four_different_lengths_equals_hf_generate(make_engine, reference):

@@ -33,6 +33,26 @@ def test_loads_the_tiny_model(backend, tiny_model_dir):
     assert backend.count_tokens(SHORT) < backend.count_tokens(MEDIUM) < backend.count_tokens(LONG)
 
 
+def test_the_dtype_is_chosen_by_the_hardware_only_when_asked(monkeypatch):
+    import torch
+
+    from cai.models import choose_dtype, native_bf16
+
+    assert choose_dtype("cpu", "bfloat16") is torch.bfloat16 and choose_dtype("cpu", "float16") is torch.float16
+    assert choose_dtype("cpu") is torch.float32                  # the library's default on CPU: fp32, always
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert native_bf16("cpu") is has_bf16
+        assert choose_dtype("cpu", "auto") is (torch.bfloat16 if has_bf16 else torch.float32)
+        assert choose_dtype("cpu") is torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)   # AMX alone is enough
+    assert choose_dtype("cpu", "auto") is torch.bfloat16
+    assert not native_bf16("mps")
+    with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
+        choose_dtype("cpu", "fp8")
+
+
 def test_batch_of_different_lengths(backend):
     out = backend.generate([SHORT, LONG, MEDIUM], GREEDY, seed=0)
     assert len(out) == 3

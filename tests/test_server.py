@@ -57,6 +57,9 @@ def files(tmp_path_factory):
 def _settings(files, **overrides) -> Settings:
     limits = overrides.pop("limits", Limits(max_tokens=ENDLESS, default_max_tokens=16, max_n=4,
                                             max_body_bytes=512 * 1024))
+    # fp32, not the CLI's "auto" (bf16 on a CPU with bf16 in hardware): tests compare the served text with records
+    # the library writes in fp32
+    overrides.setdefault("dtype", "float32")
     return Settings(model=str(files["model"]), constitutions=(str(files["constitutions"]),), api_keys=(KEY,),
                     limits=limits, device="cpu", watch_interval_s=0.1, **overrides)
 
@@ -154,8 +157,12 @@ def served(files):
 def test_openai_client_plain_and_streaming(served):
     from openai import OpenAI
 
+    from cai.models import choose_dtype
+
     client = OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list().data] == ["base"]
+    health = httpx.get(served.url + "/health", timeout=5).json()   # `cai serve` picks the dtype by the hardware
+    assert (health["device"], health["dtype"]) == ("cpu", str(choose_dtype("cpu", "auto")).removeprefix("torch."))
     r = client.chat.completions.create(model="base", messages=HI, max_tokens=8, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 8 and r.usage.total_tokens == r.usage.prompt_tokens + 8
