@@ -370,9 +370,10 @@ class Engine:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def count_tokens(self, messages: list[Message]) -> int:
-        return len(self._encode(messages))
+        return len(self.encode(messages))
 
-    def _encode(self, messages: list[Message]) -> list[int]:
+    def encode(self, messages: list[Message]) -> list[int]:
+        """The prompt's token ids: the chat template rendered with the generation prompt, tokenized."""
         return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
 
     MIN_HEAD = 8    # tokens: a shorter head is not worth a cache
@@ -381,7 +382,7 @@ class Engine:
         """The tokens one-user-message prompts start with (what differently starting prompts share), less one so a
         prompt always has a token of its own after it. A prompt whose first characters merge with the head's last
         token differently simply does not use it (checked per prefill)."""
-        probes = [self._encode([{"role": "user", "content": c}]) for c in ("a", "zz", "Hi", "The 1", " x", "\n?")]
+        probes = [self.encode([{"role": "user", "content": c}]) for c in ("a", "zz", "Hi", "The 1", " x", "\n?")]
         n = 0
         while n < min(map(len, probes)) - 1 and all(p[n] == probes[0][n] for p in probes):
             n += 1
@@ -401,11 +402,11 @@ class Engine:
 
     def submit(self, model_name: str, messages: list[Message], params: GenParams,
                on_event: Callable[[Event], None] | None = None, *, block: bool = False,
-               timeout: float | None = None) -> Handle:
+               timeout: float | None = None, prompt_ids: list[int] | None = None) -> Handle:
         """Queue a request; thread-safe. Raises UnknownModel, ContextLengthError, EngineStopped, or QueueFull (with
         ``block=True``: waits for a queue place instead, up to ``timeout`` seconds). ``on_event`` receives every event
-        on the worker thread and must not block."""
-        request = self._prepare(model_name, messages, params, on_event)
+        on the worker thread and must not block. ``prompt_ids``: ``encode(messages)``, if the caller has it already."""
+        request = self._prepare(model_name, messages, params, on_event, prompt_ids)
         self._enqueue(request, block, timeout)
         return Handle(self, request)
 
@@ -440,11 +441,11 @@ class Engine:
             raise UnknownModel(model_name, self.model_names)
 
     def _prepare(self, model_name: str, messages: list[Message], params: GenParams,
-                 on_event: Callable[[Event], None] | None) -> _Request:
+                 on_event: Callable[[Event], None] | None, prompt_ids: list[int] | None = None) -> _Request:
         import torch
 
         self._check_name(model_name)
-        ids = self._encode(messages)
+        ids = list(prompt_ids) if prompt_ids is not None else self.encode(messages)
         if not ids:
             raise ValueError("the prompt is empty")
         if self.context_length and len(ids) + params.max_tokens > self.context_length:

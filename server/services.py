@@ -122,10 +122,14 @@ class ChatJob:
     model: str
     messages: list[Message]
     params: list[GenParams]
-    prompt_tokens: int
+    prompt_ids: list[int]           # the rendered, tokenized conversation (tokenized once, here)
     revision: Revision | None = None
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 class _Choices:
@@ -151,9 +155,11 @@ class _Choices:
             h.cancel()
 
 
-def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, event: Event) -> None:
-    # on the worker thread; raises once the loop is closed, which makes the engine cancel the request
-    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, deltas: bool, event: Event) -> None:
+    # on the worker thread; raises once the loop is closed, which makes the engine cancel the request. A whole
+    # (unstreamed) completion needs only its Done: skipping the Deltas spares the event loop a wake-up per token
+    if deltas or isinstance(event, Done):
+        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,7 +217,7 @@ class Services:
         job = await asyncio.to_thread(self.prepare_chat, req)
         if job.revision is not None:
             return _chunks_of(await self._complete(job), job.include_usage)
-        choices = await self._start(job)
+        choices = await self._start(job, deltas=True)
         return self._stream(job, choices)
 
     def prepare_chat(self, req: ChatCompletionRequest) -> ChatJob:
@@ -222,7 +228,8 @@ class Services:
         if not 1 <= req.n <= self.limits.max_n:
             raise InvalidRequest(f"n must be between 1 and {self.limits.max_n} on this server, got {req.n}", "n")
         messages = self._messages(req.messages)
-        prompt_tokens = e.count_tokens(messages)
+        prompt_ids = e.encode(messages)
+        prompt_tokens = len(prompt_ids)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._max_tokens(req.token_limit, prompt_tokens, param)
         revision = None
@@ -232,7 +239,7 @@ class Services:
         top_p = 1.0 if req.top_p is None else req.top_p
         params = [GenParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=req.stops,
                             seed=None if req.seed is None else req.seed + i) for i in range(req.n)]
-        job = ChatJob("chatcmpl-" + secrets.token_hex(12), req.model, messages, params, prompt_tokens, revision,
+        job = ChatJob("chatcmpl-" + secrets.token_hex(12), req.model, messages, params, prompt_ids, revision,
                       include_usage=bool(req.stream_options and req.stream_options.include_usage))
         if revision is not None:       # refuse a conversation the pipeline cannot take before answering it
             item = self._item(messages)
@@ -241,9 +248,10 @@ class Services:
             self._check_context(revision, backend, plan, self._extension_sampling(job, 0))
         return job
 
-    async def _start(self, job: ChatJob) -> _Choices:
-        """Submit every choice (in a thread: submitting tokenizes). If this task is cancelled meanwhile, what was
-        submitted is cancelled when the submission ends."""
+    async def _start(self, job: ChatJob, deltas: bool) -> _Choices:
+        """Submit every choice (in a thread: submitting may block on the engine's lock). If this task is cancelled
+        meanwhile, what was submitted is cancelled when the submission ends. ``deltas``: whether the events include
+        the text as it is decoded (streaming), or only each choice's Done."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -252,7 +260,8 @@ class Services:
             try:
                 for i, params in enumerate(job.params):
                     handles.append(self.engine.submit(job.model, job.messages, params,
-                                                      partial(_post, loop, queue, i)))
+                                                      partial(_post, loop, queue, i, deltas),
+                                                      prompt_ids=job.prompt_ids))
             except BaseException:
                 for h in handles:
                     h.cancel()
@@ -268,7 +277,7 @@ class Services:
         return _Choices(handles, queue)
 
     async def _complete(self, job: ChatJob) -> dict:
-        choices = await self._start(job)
+        choices = await self._start(job, deltas=False)
         dones: dict[int, Done] = {}
         async for i, event in choices.events():
             if isinstance(event, Done):

@@ -156,7 +156,7 @@ def test_the_template_head_computed_once_changes_no_token(make_engine, reference
     # the tiny chat template's head ("<|im_start|>user\n") is shorter than the default minimum: allow it here
     monkeypatch.setattr(Engine, "MIN_HEAD", 1)
     e = make_engine(start=False, max_batch=8)
-    convs = [c for c in CONVERSATIONS if tuple(e._encode(c)[:len(e.head)]) == e.head]
+    convs = [c for c in CONVERSATIONS if tuple(e.encode(c)[:len(e.head)]) == e.head]
     assert e.head and len(convs) >= 3
     handles = [e.submit("base", c, GREEDY) for c in convs]
     e.start()
@@ -465,6 +465,14 @@ def test_bad_adapters_are_model_errors(tiny_model_dir, tmp_path, adapter_dirs):
 
 # ---------------------------------------------------------------------------------------------------------------
 # 9. Bad requests fail before any event
+
+
+def test_a_prompt_tokenized_by_the_caller_is_not_tokenized_again(engine, reference, monkeypatch):
+    ids = engine.encode(SHORT)
+    monkeypatch.setattr(engine, "encode", lambda messages: pytest.fail("tokenized twice"))
+    done = engine.submit("base", SHORT, GREEDY, prompt_ids=ids).result(30)
+    assert done.prompt_tokens == len(ids)
+    assert (done.text, done.completion_tokens, done.finish_reason) == reference.greedy(SHORT, GREEDY.max_tokens)
 
 
 def test_unknown_model_and_too_long_prompts_raise_before_any_event(engine):
