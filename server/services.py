@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, AsyncIterator, Callable
@@ -155,11 +157,47 @@ class _Choices:
             h.cancel()
 
 
-def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, deltas: bool, event: Event) -> None:
-    # on the worker thread; raises once the loop is closed, which makes the engine cancel the request. A whole
-    # (unstreamed) completion needs only its Done: skipping the Deltas spares the event loop a wake-up per token
+class _Mailbox:
+    """Events from the worker thread to one event loop, coalesced: however many requests' events a decode step
+    posts, the loop is woken once (``call_soon_threadsafe`` per event costs a wake-up of the loop each, and while
+    the loop runs Python the worker waits for the GIL between its kernels)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        """On any thread. Raises RuntimeError once the loop is closed (the engine then cancels the request)."""
+        if self.loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._pending.append((queue, item))
+            wake = len(self._pending) == 1        # else a flush is scheduled and has not run yet: it takes this too
+        if wake:
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = _Mailbox(loop)
+    return box
+
+
+def _post(box: _Mailbox, queue: asyncio.Queue, index: int, deltas: bool, event: Event) -> None:
+    # on the worker thread. A whole (unstreamed) completion needs only its Done: no event per token
     if deltas or isinstance(event, Done):
-        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+        box.post(queue, (index, event))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,6 +291,7 @@ class Services:
         meanwhile, what was submitted is cancelled when the submission ends. ``deltas``: whether the events include
         the text as it is decoded (streaming), or only each choice's Done."""
         loop = asyncio.get_running_loop()
+        box = _mailbox(loop)
         queue: asyncio.Queue = asyncio.Queue()
 
         def submit() -> list[Handle]:
@@ -260,7 +299,7 @@ class Services:
             try:
                 for i, params in enumerate(job.params):
                     handles.append(self.engine.submit(job.model, job.messages, params,
-                                                      partial(_post, loop, queue, i, deltas),
+                                                      partial(_post, box, queue, i, deltas),
                                                       prompt_ids=job.prompt_ids))
             except BaseException:
                 for h in handles:

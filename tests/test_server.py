@@ -154,22 +154,36 @@ def served(files):
 # 1. The official openai client against a real server
 
 
-def test_a_whole_completion_is_sent_its_done_event_only():
+def test_events_reach_the_event_loop_coalesced_and_whole_completions_get_only_done(monkeypatch):
     import asyncio
 
     from server.engine import Delta, Done
-    from server.services import _post
+    from server.services import _mailbox, _post
 
-    async def posted(deltas: bool) -> list:
-        queue: asyncio.Queue = asyncio.Queue()
+    async def posted(deltas: bool) -> tuple[list, int]:
+        queues = [asyncio.Queue(), asyncio.Queue()]
         loop = asyncio.get_running_loop()
-        for event in (Delta("a"), Delta("b"), Done("stop", 3, 2, "ab")):
-            _post(loop, queue, 1, deltas, event)
+        wakeups = []
+        monkeypatch.setattr(loop, "call_soon_threadsafe", lambda f, *a: wakeups.append(f) or loop.call_soon(f, *a))
+        box = _mailbox(loop)
+        assert _mailbox(loop) is box                       # one mailbox per loop
+        for event in (Delta("a"), Delta("b"), Done("stop", 3, 2, "ab")):   # one decode step's events, two requests
+            for i, queue in enumerate(queues):
+                _post(box, queue, i, deltas, event)
         await asyncio.sleep(0)
-        return [queue.get_nowait() for _ in range(queue.qsize())]
+        return [[q.get_nowait() for _ in range(q.qsize())] for q in queues], len(wakeups)
 
-    assert [type(e).__name__ for _, e in asyncio.run(posted(True))] == ["Delta", "Delta", "Done"]   # streaming
-    assert asyncio.run(posted(False)) == [(1, Done("stop", 3, 2, "ab"))]   # no event-loop wake-up per token
+    streamed, wakeups = asyncio.run(posted(True))
+    assert [[type(e).__name__ for _, e in q] for q in streamed] == [["Delta", "Delta", "Done"]] * 2
+    assert wakeups == 1                                    # six events, one wake-up of the loop
+    whole, _ = asyncio.run(posted(False))
+    assert whole == [[(0, Done("stop", 3, 2, "ab"))], [(1, Done("stop", 3, 2, "ab"))]]   # no event per token
+
+    loop = asyncio.new_event_loop()
+    box = _mailbox(loop)
+    loop.close()
+    with pytest.raises(RuntimeError, match="closed"):    # the engine then cancels the request
+        _post(box, asyncio.Queue(), 0, True, Delta("a"))
 
 
 def test_openai_client_plain_and_streaming(served):
