@@ -11,10 +11,11 @@ What is measured, on the default model (SmolLM2-135M-Instruct, converted into a 
 - every arm loads the weights in one dtype: ``--dtype auto`` (the default) is what `cai serve` picks here, bf16 on a
   CPU with bf16 in hardware (AVX512-BF16 or AMX), else fp32; the peer gets the same as ``--dtype``;
 - each server is started, waited on until ``/health`` answers 200, and warmed up with a few requests;
-- single client: a few sequential requests, one at a time (the single-client latency);
+- single client: each of the 16 prompts once, one request at a time (the single-client latency is their median);
 - 16 concurrent clients (asyncio + httpx), each sending ``--requests`` requests in a row.
 
-Every request is a non-streaming OpenAI chat completion with ``max_tokens`` 32 and temperature 0; every arm gets the
+Every request is a non-streaming (``--stream``: streamed, timed to its last event) OpenAI chat completion with
+``max_tokens`` 32 and temperature 0; every arm gets the
 same set of 16 distinct short prompts, in the same order. There is no ``ignore_eos``, so tokens are counted from the
 ``usage.completion_tokens`` each answer reports. Throughput = completion tokens (and requests) / wall time of the
 16-client phase; latency = wall time of one request as its client sees it.
@@ -27,12 +28,14 @@ Run:
     .venv/bin/python bench/serve.py                   # ~5 minutes on the 2-core CPU
     .venv/bin/python bench/serve.py --arms ours peer  # a subset
     .venv/bin/python bench/serve.py --dtype float32   # every arm in fp32
+    .venv/bin/python bench/serve.py --stream          # streamed requests
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -125,20 +128,37 @@ class Server:
             self._fh.close()
 
 
+STREAM = False   # --stream: every request is streamed (SSE); its latency runs to the last event
+
+
 async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> tuple[float, int]:
     body = {
         "model": server.model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "stream": False,
+        "stream": STREAM,
     }
+    if STREAM:
+        body["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
-    r = await client.post(server.base + "/v1/chat/completions", json=body)
+    if not STREAM:
+        r = await client.post(server.base + "/v1/chat/completions", json=body)
+        dt = time.perf_counter() - t0
+        if r.status_code != 200:
+            raise RuntimeError(f"{server.name}: HTTP {r.status_code}: {r.text[:500]}")
+        return dt, int(r.json()["usage"]["completion_tokens"])
+    usage = None
+    async with client.stream("POST", server.base + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{server.name}: HTTP {r.status_code}: {(await r.aread())[:500]!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage") or usage
     dt = time.perf_counter() - t0
-    if r.status_code != 200:
-        raise RuntimeError(f"{server.name}: HTTP {r.status_code}: {r.text[:500]}")
-    return dt, int(r.json()["usage"]["completion_tokens"])
+    if not usage:
+        raise RuntimeError(f"{server.name}: the stream ended without usage")
+    return dt, int(usage["completion_tokens"])
 
 
 async def measure(server: Server, clients: int, per_client: int, max_tokens: int, warmup: int, single: int) -> dict:
@@ -194,11 +214,16 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3, help="requests in a row per concurrent client")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--single", type=int, default=4, help="sequential single-client requests")
+    ap.add_argument("--single", type=int, default=len(PROMPTS),
+                    help="sequential single-client requests, over the prompts in turn (default: each prompt once, "
+                         "the set the 16 clients share)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="weights' dtype for every arm (auto: what `cai serve` picks on this CPU; the peer is given "
                          "the same)")
+    ap.add_argument("--stream", action="store_true", help="stream every request (SSE) instead of whole answers")
     args = ap.parse_args()
+    global STREAM
+    STREAM = args.stream
     # SIGTERM (e.g. from `timeout`) raises SystemExit, so the `finally` below still stops the running server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -210,8 +235,9 @@ def main() -> int:
 
     dtype = str(choose_dtype("cpu", args.dtype)).removeprefix("torch.")
     logdir = Path(tempfile.mkdtemp(prefix="cai-bench-serve-"))
-    print(f"default model ({model_dir}), CPU, {dtype} weights in every arm, {args.clients} clients x {args.requests} requests, "
-          f"max_tokens {args.max_tokens}, temperature 0; single client: {args.single} sequential requests; "
+    print(f"default model ({model_dir}), CPU, {dtype} weights in every arm, {args.clients} clients x "
+          f"{args.requests} requests, max_tokens {args.max_tokens}, temperature 0, {'streamed' if STREAM else 'whole answers'}; "
+          f"single client: {args.single} sequential requests; "
           f"logs in {logdir}", flush=True)
 
     def make(arm: str) -> Server:
