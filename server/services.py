@@ -29,7 +29,6 @@ import re
 import secrets
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, AsyncIterator, Callable
@@ -184,15 +183,6 @@ class _Mailbox:
             queue.put_nowait(item)
 
 
-_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
-
-
-def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
-    box = _mailboxes.get(loop)
-    if box is None:
-        box = _mailboxes[loop] = _Mailbox(loop)
-    return box
-
 
 def _post(box: _Mailbox, queue: asyncio.Queue, index: int, deltas: bool, event: Event) -> None:
     # on the worker thread. A whole (unstreamed) completion needs only its Done: no event per token
@@ -218,6 +208,12 @@ class Services:
         self.on_usage = on_usage or (lambda model, prompt, completion: None)
         self.neutralise = SpecialTokenFilter(engine.tokenizer)
         self.started = int(time.time())
+        self._mailbox: _Mailbox | None = None     # the engine's events to the event loop of the requests
+
+    def _mailbox_for(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        return self._mailbox
 
     # -- listings ----------------------------------------------------------------------------------------------
 
@@ -291,7 +287,7 @@ class Services:
         meanwhile, what was submitted is cancelled when the submission ends. ``deltas``: whether the events include
         the text as it is decoded (streaming), or only each choice's Done."""
         loop = asyncio.get_running_loop()
-        box = _mailbox(loop)
+        box = self._mailbox_for(loop)
         queue: asyncio.Queue = asyncio.Queue()
 
         def submit() -> list[Handle]:

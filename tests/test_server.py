@@ -158,15 +158,14 @@ def test_events_reach_the_event_loop_coalesced_and_whole_completions_get_only_do
     import asyncio
 
     from server.engine import Delta, Done
-    from server.services import _mailbox, _post
+    from server.services import _Mailbox, _post
 
     async def posted(deltas: bool) -> tuple[list, int]:
         queues = [asyncio.Queue(), asyncio.Queue()]
         loop = asyncio.get_running_loop()
         wakeups = []
         monkeypatch.setattr(loop, "call_soon_threadsafe", lambda f, *a: wakeups.append(f) or loop.call_soon(f, *a))
-        box = _mailbox(loop)
-        assert _mailbox(loop) is box                       # one mailbox per loop
+        box = _Mailbox(loop)
         for event in (Delta("a"), Delta("b"), Done("stop", 3, 2, "ab")):   # one decode step's events, two requests
             for i, queue in enumerate(queues):
                 _post(box, queue, i, deltas, event)
@@ -180,7 +179,7 @@ def test_events_reach_the_event_loop_coalesced_and_whole_completions_get_only_do
     assert whole == [[(0, Done("stop", 3, 2, "ab"))], [(1, Done("stop", 3, 2, "ab"))]]   # no event per token
 
     loop = asyncio.new_event_loop()
-    box = _mailbox(loop)
+    box = _Mailbox(loop)
     loop.close()
     with pytest.raises(RuntimeError, match="closed"):    # the engine then cancels the request
         _post(box, asyncio.Queue(), 0, True, Delta("a"))
