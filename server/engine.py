@@ -33,6 +33,10 @@ logits / temperature, restricted to the top-p nucleus, sampled by inverse CDF wi
 ``torch.Generator``: the same seed, prompt and settings give the same text whatever else shares the batch (up to the
 floating-point noise of batched kernels).
 
+Log-probabilities (``GenParams.logprobs`` = k): for the rows that ask, each step's log_softmax of the raw logits gives
+the picked token's log-probability and the k likeliest tokens'; rows that do not ask cost nothing. They travel with
+the Delta that shows the token's text, and all of them with the Done.
+
 Streaming text is detokenized incrementally: each step decodes a short window of the row's tokens (the last complete
 characters and what followed), and shows the new suffix once it ends in a complete character (a partial UTF-8
 sequence decodes to U+FFFD and is held back). With stop strings, the last ``len(longest stop) - 1`` characters are
@@ -101,6 +105,7 @@ class GenParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()      # the text ends before the first of these; finish_reason "stop"
     seed: int | None = None         # per-request RNG seed; None draws a random one
+    logprobs: int | None = None     # None: none; k >= 0: each token's log-probability and its k likeliest alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -115,11 +120,24 @@ class GenParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be at least 0, got {self.logprobs}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its id, its log-probability under the model (the logits before temperature and top-p),
+    and the ``GenParams.logprobs`` likeliest tokens with theirs, likeliest first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class Delta:
     text: str                       # new text since the last event (never empty)
+    logprobs: tuple[TokenLogprob, ...] = ()   # the tokens decoded since the last event (with GenParams.logprobs)
 
 
 @dataclass(frozen=True)
@@ -129,6 +147,9 @@ class Done:
     completion_tokens: int          # tokens decoded, the end-of-sequence token included
     text: str                       # the whole completion: every Delta's text, concatenated
     error: str | None = None
+    # with GenParams.logprobs: every token decoded but the end-of-sequence one (with a stop string: up to the token
+    # that completed it)
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 Event = Delta | Done
@@ -160,6 +181,8 @@ class _Request:
         self.sent = 0                         # characters of text already delivered as Delta events
         self.prefix_offset = 0                # ids[prefix_offset:read_offset] decode to the last emitted text
         self.read_offset = 0
+        self.logprobs: list[TokenLogprob] = []  # with params.logprobs: one per token of ids
+        self.logprobs_sent = 0                # of them, delivered in Delta events
 
 
 class Handle:
@@ -505,7 +528,7 @@ class Engine:
             if reason in ("stop", "length"):
                 self._durations.append(time.monotonic() - request.started)
         request.result = Done(reason, len(request.prompt_ids), request.n_tokens, request.text[:request.sent],
-                              error)
+                              error, tuple(request.logprobs) if request.params.logprobs is not None else None)
         self._cond.notify_all()        # a queue place or an in-flight place is free (drain and block wait on it)
         return request.result
 
@@ -722,6 +745,7 @@ class Engine:
             self._batch_sizes[len(wave.rows)] += 1
         tokens = self._pick(wave.rows, logits)
         wave.last = torch.tensor(tokens, device=self.device)
+        self._record_logprobs(wave.rows, logits, tokens)
         for request, token in zip(wave.rows, tokens):
             if request.result is None and not request.cancelled:
                 reason = self._on_token(request, token)
@@ -769,6 +793,25 @@ class Engine:
                 tokens[i] = _sample(probs[j], rows[i].params.top_p, rows[i].generator)
         return tokens
 
+    def _record_logprobs(self, rows: list[_Request], logits: Any, tokens: list[int]) -> None:
+        """For the rows that asked: the picked token's log-probability and the top alternatives (end-of-sequence
+        tokens are not part of the text and get none)."""
+        import torch
+
+        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None and tokens[i] not in self.eos_ids
+                 and r.result is None and not r.cancelled]
+        if not asked:
+            return
+        index = torch.tensor(asked, device=logits.device)
+        logp = torch.log_softmax(logits[index], dim=-1)                      # [asked rows, vocab] float32
+        k = max(rows[i].params.logprobs for i in asked)
+        top_lp, top_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+        chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in asked], device=logits.device))[:, 0].tolist()
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        for j, i in enumerate(asked):
+            n = rows[i].params.logprobs
+            rows[i].logprobs.append(TokenLogprob(tokens[i], chosen[j], tuple(zip(top_ids[j][:n], top_lp[j][:n]))))
+
     def _on_token(self, request: _Request, token: int) -> str | None:
         """Take one decoded token of a row: stream what can be shown; the finish reason if the row is done."""
         request.n_tokens += 1
@@ -790,7 +833,9 @@ class Engine:
         hold = 0 if reason is not None or not stops else max(map(len, stops)) - 1
         visible = len(request.text) - hold
         if visible > request.sent:
-            self._deliver(request, Delta(request.text[request.sent:visible]))
+            new = tuple(request.logprobs[request.logprobs_sent:])
+            request.logprobs_sent = len(request.logprobs)
+            self._deliver(request, Delta(request.text[request.sent:visible], new))
             request.sent = visible
         return reason
 
@@ -979,4 +1024,4 @@ def _completion(done: Done) -> Completion:
 
 
 __all__ = ["Delta", "Done", "Engine", "EngineBackend", "EngineStopped", "EventStream", "GenParams", "Handle",
-           "QueueFull", "UnknownModel"]
+           "QueueFull", "TokenLogprob", "UnknownModel"]

@@ -18,6 +18,7 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_PRINCIPLES = 64
 MAX_ROUNDS = 8
+MAX_TOP_LOGPROBS = 20      # alternatives a token's log-probabilities may list (OpenAI's cap)
 
 Role = Literal["system", "user", "assistant"]
 
@@ -106,7 +107,8 @@ class ChatCompletionRequest(_Sampling):
     # accepted only at their neutral values: clients often send them
     frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
     presence_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
-    logprobs: Literal[False] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
     # extension: run critique→revise on each answer before returning it
     constitution: Annotated[str, Field(min_length=1, max_length=80)] | None = None
@@ -129,6 +131,11 @@ class ChatCompletionRequest(_Sampling):
     def _extension(self) -> "ChatCompletionRequest":
         if (self.principles is not None or self.rounds is not None) and self.constitution is None:
             raise ValueError("'principles' and 'rounds' go with 'constitution' (the critique→revise extension)")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        if self.logprobs and self.constitution is not None:
+            raise ValueError("'logprobs' cannot go with 'constitution': the answer returned is a revision, not the "
+                             "tokens decoded")
         return self
 
     @property

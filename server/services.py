@@ -39,7 +39,7 @@ from cai.pipeline import Generator, MemoryStageCache, Plan, check_output, draw_p
 from cai.prompt_sets import PromptItem, item_from_row
 from cai.prompts import Message, critique_messages, respond_messages
 from server.constitutions import ConstitutionRegistry
-from server.engine import Delta, Done, Engine, EngineBackend, Event, GenParams, Handle, UnknownModel
+from server.engine import Delta, Done, Engine, EngineBackend, Event, GenParams, Handle, TokenLogprob, UnknownModel
 from server.protocol import ChatCompletionRequest, ChatMessage, CritiqueRequest, ReviseRequest
 from server.settings import Limits, lineage
 
@@ -271,8 +271,10 @@ class Services:
             revision = self._revision(req.constitution, req.principles, req.rounds)
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = [GenParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=req.stops,
-                            seed=None if req.seed is None else req.seed + i) for i in range(req.n)]
+                            seed=None if req.seed is None else req.seed + i, logprobs=logprobs)
+                  for i in range(req.n)]
         job = ChatJob("chatcmpl-" + secrets.token_hex(12), req.model, messages, params, prompt_ids, revision,
                       include_usage=bool(req.stream_options and req.stream_options.include_usage))
         if revision is not None:       # refuse a conversation the pipeline cannot take before answering it
@@ -334,8 +336,8 @@ class Services:
         self.on_usage(job.model, usage["prompt_tokens"], usage["completion_tokens"])
         out_choices = []
         for i, (done, text) in enumerate(zip(results, texts)):
-            choice = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": done.finish_reason}
+            choice = {"index": i, "message": {"role": "assistant", "content": text},
+                      "logprobs": self._logprobs(done.logprobs), "finish_reason": done.finish_reason}
             if extensions[i] is not None:
                 choice["cai"] = extensions[i]
             out_choices.append(choice)
@@ -348,22 +350,45 @@ class Services:
                     "choices": choices_, **extra}
 
         completion_tokens = 0
+        with_logprobs = job.params[0].logprobs is not None
+        sent = [0] * len(job.params)               # per choice: token log-probabilities sent so far
         try:
             for i in range(len(job.params)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
             async for i, event in choices.events():
                 if isinstance(event, Delta):
-                    yield chunk([{"index": i, "delta": {"content": event.text}, "finish_reason": None}])
+                    part = {"index": i, "delta": {"content": event.text}, "finish_reason": None}
+                    if with_logprobs:
+                        part["logprobs"] = self._logprobs(event.logprobs)
+                        sent[i] += len(event.logprobs)
+                    yield chunk([part])
                     continue
                 _check_done(event)
                 completion_tokens += event.completion_tokens
-                yield chunk([{"index": i, "delta": {}, "finish_reason": event.finish_reason}])
+                part = {"index": i, "delta": {}, "finish_reason": event.finish_reason}
+                if with_logprobs:        # the tokens no Delta carried (text held back, then cut by a stop string)
+                    part["logprobs"] = self._logprobs((event.logprobs or ())[sent[i]:])
+                yield chunk([part])
         finally:
             choices.cancel()
         self.on_usage(job.model, job.prompt_tokens, completion_tokens)
         if job.include_usage:
             yield chunk([], usage={"prompt_tokens": job.prompt_tokens, "completion_tokens": completion_tokens,
                                    "total_tokens": job.prompt_tokens + completion_tokens})
+
+    def _logprobs(self, tokens: tuple[TokenLogprob, ...] | None) -> dict | None:
+        """OpenAI's ``logprobs`` object of a choice (or of a streamed chunk): ``{"content": [...]}``."""
+        if tokens is None:
+            return None
+        decode = self.engine.tokenizer.decode
+
+        def entry(token: int, logprob: float) -> dict:
+            text = decode([token])
+            # -9999 stands for -inf, as OpenAI's API does (JSON has no infinity)
+            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                            for t in tokens]}
 
     # -- the extension: critique→revise on each chat answer ----------------------------------------------------
 

@@ -467,6 +467,45 @@ def test_bad_adapters_are_model_errors(tiny_model_dir, tmp_path, adapter_dirs):
 # 9. Bad requests fail before any event
 
 
+def teacher_forced_logprobs(reference, messages, tokens) -> torch.Tensor:
+    """log_softmax of the reference model's logits at each generated position: [len(tokens), vocab]."""
+    text = reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = reference.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logits = reference.lm(input_ids=torch.tensor([prompt + tokens])).logits[0].float()
+    return torch.log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)], dim=-1)
+
+
+def test_logprobs_are_the_models_own_and_stream_with_the_text(engine, reference):
+    params = GenParams(max_tokens=12, temperature=0.0, logprobs=5)
+    deltas, done = asyncio.run(_collect_stream(engine, SHORT, params))
+    lps = done.logprobs
+    assert len(lps) == done.completion_tokens - (done.finish_reason == "stop")   # the end-of-sequence token has none
+    assert engine.tokenizer.decode([t.token for t in lps]) == done.text
+    assert tuple(x for d in deltas for x in d.logprobs) == lps[:sum(len(d.logprobs) for d in deltas)]
+    expected = teacher_forced_logprobs(reference, SHORT, [t.token for t in lps])
+    for t, row in zip(lps, expected):
+        assert t.logprob == pytest.approx(float(row[t.token]), abs=1e-4)
+        top = row.topk(5)
+        assert [i for i, _ in t.top] == top.indices.tolist()           # likeliest first
+        assert [lp for _, lp in t.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert t.top[0][0] == t.token                                   # greedy picks the likeliest
+    plain = run(engine, "base", SHORT, GenParams(max_tokens=12, temperature=0.0))
+    assert plain.logprobs is None and plain.text == done.text          # asking for them changes no token
+    assert run(engine, "base", SHORT, GenParams(max_tokens=2, temperature=0.0, logprobs=0)).logprobs[0].top == ()
+    with pytest.raises(ValueError, match="logprobs"):
+        GenParams(max_tokens=2, logprobs=-1)
+
+
+async def _collect_stream(engine, messages, params) -> tuple[list[Delta], Done]:
+    deltas: list[Delta] = []
+    async for event in engine.stream("base", messages, params):
+        if isinstance(event, Done):
+            return deltas, event
+        deltas.append(event)
+    raise AssertionError("the stream ended without Done")
+
+
 def test_a_prompt_tokenized_by_the_caller_is_not_tokenized_again(engine, reference, monkeypatch):
     ids = engine.encode(SHORT)
     monkeypatch.setattr(engine, "encode", lambda messages: pytest.fail("tokenized twice"))

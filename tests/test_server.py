@@ -208,6 +208,10 @@ def test_openai_client_plain_and_streaming(served):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 8
 
+    r = client.chat.completions.create(model="base", messages=HI, max_tokens=2, temperature=0, logprobs=True,
+                                       top_logprobs=5)
+    assert [len(t.top_logprobs) for t in r.choices[0].logprobs.content] == [5, 5]
+
     two = client.chat.completions.create(model="base", messages=HI, max_tokens=4, temperature=1.0, seed=3, n=2)
     assert [c.index for c in two.choices] == [0, 1] and 2 <= two.usage.completion_tokens <= 8
 
@@ -217,6 +221,26 @@ def test_openai_client_plain_and_streaming(served):
         client.chat.completions.create(model="nope", messages=HI)
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=served.url + "/v1", api_key="wrong-key-123456", max_retries=0).models.list()
+
+
+def test_cai_eval_can_judge_through_the_server(served, monkeypatch):
+    # `cai eval --judge-backend openai` reads the first token's top_logprobs: cai serve returns them
+    from cai.backends.openai import OpenAIBackend
+    from cai.judge import EndpointJudge
+
+    monkeypatch.setenv("CAI_TEST_KEY", KEY)
+    backend = OpenAIBackend("base", base_urls=[served.url + "/v1"], api_key_env="CAI_TEST_KEY", max_retries=0)
+    try:
+        [first] = backend.first_token_logprobs([HI], top=20)
+        greedy = httpx.post(served.url + "/v1/chat/completions", headers=AUTH, timeout=30,
+                            json={"model": "base", "messages": HI, "max_tokens": 1, "temperature": 0}).json()
+        judged = EndpointJudge(backend).prob_yes([HI])
+    finally:
+        backend.close()
+    top = first.top_logprobs
+    assert first.error is None and len(top) >= 10 and all(lp <= 0 for lp in top.values())
+    assert max(top, key=top.get) == greedy["choices"][0]["message"]["content"]   # the likeliest is the greedy token
+    assert len(judged) == 1 and (judged[0] is None or 0 <= judged[0] <= 1)
 
 
 def test_cai_generate_uses_the_server_as_its_backend(served, tmp_path):
@@ -316,6 +340,25 @@ def test_sigterm_finishes_the_stream_in_flight_refuses_new_work_and_exits_0(file
 # 2. Wire format, in process
 
 
+def test_logprobs_plain_and_streamed_in_the_openai_shape(client):
+    body = {"logprobs": True, "top_logprobs": 3, "max_tokens": 6}
+    choice = chat(client, **body).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == 6 and "".join(t["token"] for t in content) == choice["message"]["content"]
+    for t in content:
+        assert set(t) == {"token", "logprob", "bytes", "top_logprobs"} and t["bytes"] == list(t["token"].encode())
+        top = t["top_logprobs"]
+        assert len(top) == 3 and top[0]["token"] == t["token"] and top[0]["logprob"] == t["logprob"] <= 0
+        assert [x["logprob"] for x in top] == sorted((x["logprob"] for x in top), reverse=True)
+    assert chat(client).json()["choices"][0]["logprobs"] is None            # only when asked
+
+    with client.stream("POST", "/v1/chat/completions", json={"model": "base", "messages": HI, "temperature": 0,
+                                                             "stream": True, **body}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [t for c in chunks for ch in c["choices"] for t in ((ch.get("logprobs") or {}).get("content") or [])]
+    assert streamed == content                                              # the same tokens, in order
+
+
 def test_health_models_and_a_plain_completion(client):
     assert client.get("/health").json()["status"] == "ok"
     models = client.get("/v1/models").json()
@@ -408,6 +451,12 @@ BAD = {
     "unknown principle (chat)": ({"model": "base", "messages": HI, "constitution": "default",
                                   "principles": ["p1", "bogus"]}, 400, "principles", "principle_not_found"),
     "principles without constitution": ({"model": "base", "messages": HI, "principles": ["p1"]}, 400, None, None),
+    "top_logprobs 21": ({"model": "base", "messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs",
+                        None),
+    "top_logprobs without logprobs": ({"model": "base", "messages": HI, "top_logprobs": 2}, 400, None, None),
+    "logprobs string": ({"model": "base", "messages": HI, "logprobs": "yes"}, 400, "logprobs", None),
+    "logprobs with the extension": ({"model": "base", "messages": HI, "logprobs": True, "constitution": "default"},
+                                    400, None, None),
 }
 
 
