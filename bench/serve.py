@@ -236,7 +236,8 @@ def main() -> int:
     dtype = str(choose_dtype("cpu", args.dtype)).removeprefix("torch.")
     logdir = Path(tempfile.mkdtemp(prefix="cai-bench-serve-"))
     print(f"default model ({model_dir}), CPU, {dtype} weights in every arm, {args.clients} clients x "
-          f"{args.requests} requests, max_tokens {args.max_tokens}, temperature 0, {'streamed' if STREAM else 'whole answers'}; "
+          f"{args.requests} requests, max_tokens {args.max_tokens}, temperature 0, "
+          f"{'streamed' if STREAM else 'whole answers'}; "
           f"single client: {args.single} sequential requests; "
           f"logs in {logdir}", flush=True)
 
@@ -244,7 +245,8 @@ def main() -> int:
         port = free_port()
         if arm in ("ours", "ours-unbatched"):
             argv = [cai_bin, "serve", "--model", "default", "--port", str(port), "--dtype", dtype]
-            return Server(arm, argv + (["--max-batch", "1"] if arm == "ours-unbatched" else []), port, "base", logdir)
+            argv += ["--max-batch", "1"] if arm == "ours-unbatched" else []
+            return Server(arm, argv, port, "base", logdir)
         argv = [tf_bin, "serve", "--continuous-batching", "--device", "cpu", "--dtype", dtype, "--host", "127.0.0.1",
                 "--port", str(port), model_dir]
         return Server(arm, argv, port, model_dir, logdir)

@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after SIGTERM, seconds of 503 answers before the listener closes (default: %(default)s)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="weights' dtype (auto: bfloat16 on a GPU or CPU with bf16 in hardware — AVX512-BF16 or AMX — "
-                        "else float32; default: %(default)s)")
+                   help="weights' dtype (auto: bfloat16 on a GPU or CPU with bf16 in hardware, AVX512-BF16 or "
+                        "AMX, else float32; default: %(default)s)")
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -651,8 +651,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               + "".join(f", {n}" for n in adapters) + f"; {'API keys required' if keys else 'no API key'}",
               soft_wrap=True, markup=False)
     settings = Settings(model=args.model, adapters=adapters, constitutions=tuple(sources), api_keys=tuple(keys),
-                        limits=limits, device=args.device, dtype=args.dtype, max_batch=args.max_batch, queue_size=args.queue_size,
-                        drain_grace_s=args.drain_grace)
+                        limits=limits, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                        queue_size=args.queue_size, drain_grace_s=args.drain_grace)
     _quiet_libraries()
     return serve(settings, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
 
