@@ -141,9 +141,13 @@ def native_bf16(device: str) -> bool:
     (elsewhere bf16 is emulated on a CPU and slower than fp32)."""
     import torch
 
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device != "cpu":
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(kind):       # the GPU named (cuda:1), not the current one; emulated bf16 is not native
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    if kind.type != "cpu":
         return False
     cpu = getattr(torch, "cpu", None)
     return any(bool(getattr(cpu, probe, lambda: False)())
@@ -161,7 +165,7 @@ def choose_dtype(device: str, dtype: str | None = None) -> Any:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if dtype and dtype != "auto":
         return getattr(torch, dtype)
-    bf16 = native_bf16(device) if dtype == "auto" else device.startswith("cuda") and native_bf16(device)
+    bf16 = native_bf16(device) if dtype == "auto" else torch.device(device).type == "cuda" and native_bf16(device)
     return torch.bfloat16 if bf16 else torch.float32
 
 

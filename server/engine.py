@@ -147,8 +147,8 @@ class Done:
     completion_tokens: int          # tokens decoded, the end-of-sequence token included
     text: str                       # the whole completion: every Delta's text, concatenated
     error: str | None = None
-    # with GenParams.logprobs: every token decoded but the end-of-sequence one (with a stop string: up to the token
-    # that completed it)
+    # with GenParams.logprobs: every token of the text, i.e. decoded and not special (with a stop string: up to the
+    # token that completed it)
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
@@ -314,6 +314,7 @@ class Engine:
         self.model_id, self.model_revision = loaded.model_id, loaded.revision
         self.pad_id: int = self.tokenizer.pad_token_id
         self.eos_ids = loaded.eos_ids
+        self._hidden_ids = set(self.eos_ids) | set(self.tokenizer.all_special_ids)   # never part of the text
         self.context_length: int | None = loaded.context_length
         self._lm = lm           # the transformers model (its config builds caches)
         self._model = lm        # what forward passes go through: the model, or the PeftModel around it
@@ -794,11 +795,11 @@ class Engine:
         return tokens
 
     def _record_logprobs(self, rows: list[_Request], logits: Any, tokens: list[int]) -> None:
-        """For the rows that asked: the picked token's log-probability and the top alternatives (end-of-sequence
-        tokens are not part of the text and get none)."""
+        """For the rows that asked: the picked token's log-probability and the top alternatives. Special tokens (the
+        end-of-sequence one among them) are not part of the text and get none."""
         import torch
 
-        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None and tokens[i] not in self.eos_ids
+        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None and tokens[i] not in self._hidden_ids
                  and r.result is None and not r.cancelled]
         if not asked:
             return

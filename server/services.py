@@ -7,7 +7,8 @@ one function.
 
 One implementation of the stages. Critique and revise prompts always come from :mod:`cai.prompts` and run through
 :class:`cai.pipeline.Generator` over :class:`~server.engine.EngineBackend`, so a record from ``/v1/revise`` is the
-record ``cai generate`` would write for the same conversation, constitution, sampling and model. An answer that
+record ``cai generate`` would write for the same conversation, constitution, sampling and model (in the same dtype:
+``cai serve --dtype auto`` is bf16 on a CPU with bf16 in hardware, ``cai generate`` fp32). An answer that
 already exists (the ``response`` of ``/v1/revise``, or the chat answer of the ``constitution`` extension) is handed to
 the Generator through a :class:`~cai.pipeline.MemoryStageCache` pre-seeded under the respond stage's key: the
 Generator finds its first stage answered and goes on with the rounds, with no second code path.
@@ -25,12 +26,13 @@ handles' ``cancel``), and a pipeline running in a thread is stopped through :met
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, AsyncIterator, Callable
 
 from cai.backends.base import Completion, Sampling
@@ -188,6 +190,36 @@ def _post(box: _Mailbox, queue: asyncio.Queue, index: int, deltas: bool, event: 
     # on the worker thread. A whole (unstreamed) completion needs only its Done: no event per token
     if deltas or isinstance(event, Done):
         box.post(queue, (index, event))
+    elif box.loop.is_closed():
+        raise RuntimeError("the event loop is closed")   # nobody will read the answer: the engine cancels it
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """The printable stand-ins byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen) writes its tokens' bytes in -> byte."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    # GPT-2's bytes_to_unicode: printable bytes stand for themselves, the others for chr(256 + n) in byte order
+    printable = [b for b in range(256) if chr(b) in alphabet]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def token_bytes(tokenizer: Any, token: int) -> bytes | None:
+    """The bytes one token stands for: exact for byte-level BPE tokenizers and SentencePiece byte tokens
+    (``<0xE9>``); None where the tokenizer's tokens are not bytes (the caller falls back to the decoded text)."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if not isinstance(piece, str):
+        return None
+    if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+        return bytes([int(m.group(1), 16)])
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ == "ByteLevel":
+        alphabet = _byte_level_alphabet()
+        if all(c in alphabet for c in piece):
+            return bytes(alphabet[c] for c in piece)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,6 +241,7 @@ class Services:
         self.neutralise = SpecialTokenFilter(engine.tokenizer)
         self.started = int(time.time())
         self._mailbox: _Mailbox | None = None     # the engine's events to the event loop of the requests
+        self._tokens: dict[int, tuple[str, list[int]]] = {}   # token id -> (text, bytes), for logprobs
 
     def _mailbox_for(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         if self._mailbox is None or self._mailbox.loop is not loop:
@@ -380,15 +413,24 @@ class Services:
         """OpenAI's ``logprobs`` object of a choice (or of a streamed chunk): ``{"content": [...]}``."""
         if tokens is None:
             return None
-        decode = self.engine.tokenizer.decode
 
         def entry(token: int, logprob: float) -> dict:
-            text = decode([token])
-            # -9999 stands for -inf, as OpenAI's API does (JSON has no infinity)
-            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+            text, raw = self._token_text(token)
+            # -9999 stands for -inf (and NaN), as OpenAI's API does: JSON has neither
+            return {"token": text, "logprob": logprob if math.isfinite(logprob) else -9999.0, "bytes": raw}
 
         return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
                             for t in tokens]}
+
+    def _token_text(self, token: int) -> tuple[str, list[int]]:
+        """A token's text and its bytes (cached: a vocabulary is bounded). A token that holds part of a UTF-8
+        character decodes to U+FFFD; its bytes are the real ones, so a client can join them into the character."""
+        known = self._tokens.get(token)
+        if known is None:
+            text = self.engine.tokenizer.decode([token])
+            raw = token_bytes(self.engine.tokenizer, token)
+            known = self._tokens[token] = (text, list(raw if raw is not None else text.encode("utf-8")))
+        return known
 
     # -- the extension: critique→revise on each chat answer ----------------------------------------------------
 

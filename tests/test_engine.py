@@ -480,8 +480,8 @@ def test_logprobs_are_the_models_own_and_stream_with_the_text(engine, reference)
     params = GenParams(max_tokens=12, temperature=0.0, logprobs=5)
     deltas, done = asyncio.run(_collect_stream(engine, SHORT, params))
     lps = done.logprobs
-    assert len(lps) == done.completion_tokens - (done.finish_reason == "stop")   # the end-of-sequence token has none
-    assert engine.tokenizer.decode([t.token for t in lps]) == done.text
+    assert lps and engine.tokenizer.decode([t.token for t in lps]) == done.text     # one entry per token of the text
+    assert not {t.token for t in lps} & set(engine.tokenizer.all_special_ids)
     assert tuple(x for d in deltas for x in d.logprobs) == lps[:sum(len(d.logprobs) for d in deltas)]
     expected = teacher_forced_logprobs(reference, SHORT, [t.token for t in lps])
     for t, row in zip(lps, expected):

@@ -49,6 +49,7 @@ def test_the_dtype_is_chosen_by_the_hardware_only_when_asked(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)   # AMX alone is enough
     assert choose_dtype("cpu", "auto") is torch.bfloat16
     assert not native_bf16("mps")
+    assert choose_dtype("cpu:0", "auto") is torch.bfloat16                # a device index changes nothing
     with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
         choose_dtype("cpu", "fp8")
 

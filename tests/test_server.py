@@ -359,6 +359,22 @@ def test_logprobs_plain_and_streamed_in_the_openai_shape(client):
     assert streamed == content                                              # the same tokens, in order
 
 
+def test_logprob_entries_carry_the_real_bytes_of_split_characters(client, app):
+    from server.engine import TokenLogprob
+    from server.services import token_bytes
+
+    tokenizer = app.state.server.engine.tokenizer
+    text = "é😀 ok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in "".join(tokenizer.decode([i]) for i in ids)          # some tokens hold part of a character
+    assert b"".join(token_bytes(tokenizer, i) for i in ids) == text.encode("utf-8")
+    out = app.state.server.services._logprobs((TokenLogprob(ids[0], float("nan"), ((ids[1], float("-inf")),)),))
+    entry = out["content"][0]
+    assert entry["logprob"] == -9999.0 and entry["top_logprobs"][0]["logprob"] == -9999.0   # JSON has no NaN/inf
+    assert bytes(entry["bytes"]) + bytes(entry["top_logprobs"][0]["bytes"]) == b"".join(
+        token_bytes(tokenizer, i) for i in ids[:2])
+
+
 def test_health_models_and_a_plain_completion(client):
     assert client.get("/health").json()["status"] == "ok"
     models = client.get("/v1/models").json()
