@@ -128,21 +128,20 @@ class Server:
             self._fh.close()
 
 
-STREAM = False   # --stream: every request is streamed (SSE); its latency runs to the last event
-
-
-async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> tuple[float, int]:
+async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int,
+                      stream: bool) -> tuple[float, int]:
+    """(latency, completion tokens) of one request; a streamed one (SSE) is timed to its last event."""
     body = {
         "model": server.model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "stream": STREAM,
+        "stream": stream,
     }
-    if STREAM:
+    if stream:
         body["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
-    if not STREAM:
+    if not stream:
         r = await client.post(server.base + "/v1/chat/completions", json=body)
         dt = time.perf_counter() - t0
         if r.status_code != 200:
@@ -161,21 +160,22 @@ async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, ma
     return dt, int(usage["completion_tokens"])
 
 
-async def measure(server: Server, clients: int, per_client: int, max_tokens: int, warmup: int, single: int) -> dict:
+async def measure(server: Server, clients: int, per_client: int, max_tokens: int, warmup: int, single: int,
+                  stream: bool) -> dict:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600.0, limits=limits) as client:
         for i in range(warmup):
-            await one_request(client, server, PROMPTS[-1 - i], max_tokens)
+            await one_request(client, server, PROMPTS[-1 - i], max_tokens, stream)
 
         single_lat, single_tok = [], 0
         for i in range(single):
-            dt, n = await one_request(client, server, PROMPTS[i % len(PROMPTS)], max_tokens)
+            dt, n = await one_request(client, server, PROMPTS[i % len(PROMPTS)], max_tokens, stream)
             single_lat.append(dt)
             single_tok += n
 
         async def run_client(c: int) -> list[tuple[float, int]]:
             return [
-                await one_request(client, server, PROMPTS[(c + j) % len(PROMPTS)], max_tokens)
+                await one_request(client, server, PROMPTS[(c + j) % len(PROMPTS)], max_tokens, stream)
                 for j in range(per_client)
             ]
 
@@ -222,8 +222,6 @@ def main() -> int:
                          "the same)")
     ap.add_argument("--stream", action="store_true", help="stream every request (SSE) instead of whole answers")
     args = ap.parse_args()
-    global STREAM
-    STREAM = args.stream
     # SIGTERM (e.g. from `timeout`) raises SystemExit, so the `finally` below still stops the running server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -237,7 +235,7 @@ def main() -> int:
     logdir = Path(tempfile.mkdtemp(prefix="cai-bench-serve-"))
     print(f"default model ({model_dir}), CPU, {dtype} weights in every arm, {args.clients} clients x "
           f"{args.requests} requests, max_tokens {args.max_tokens}, temperature 0, "
-          f"{'streamed' if STREAM else 'whole answers'}; "
+          f"{'streamed' if args.stream else 'whole answers'}; "
           f"single client: {args.single} sequential requests; "
           f"logs in {logdir}", flush=True)
 
@@ -260,7 +258,7 @@ def main() -> int:
             server.start()
             print(f"[{arm}] ready in {time.perf_counter() - t0:.1f}s", flush=True)
             res[arm] = asyncio.run(
-                measure(server, args.clients, args.requests, args.max_tokens, args.warmup, args.single)
+                measure(server, args.clients, args.requests, args.max_tokens, args.warmup, args.single, args.stream)
             )
             r = res[arm]
             print(f"[{arm}] done: {r['tokens']} tokens in {r['wall']:.1f}s", flush=True)
