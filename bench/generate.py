@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 from cai.backends.base import Sampling  # noqa: E402
 from cai.backends.local import LocalBackend  # noqa: E402
-from cai.constitution import load_constitution  # noqa: E402
-from cai.generate import run_generate  # noqa: E402
-from cai.prompt_sets import load_prompts  # noqa: E402
+from cai.core.constitution import load_constitution  # noqa: E402
+from cai.generate.runner import run_generate  # noqa: E402
+from cai.core.prompt_files import load_prompts  # noqa: E402
 
 
 class Recording(LocalBackend):

@@ -1,6 +1,6 @@
 """Generation throughput of the openai backend with 1 vs 2 vs 4 endpoints (target: >= 1.8x and >= 3.5x of one).
 
-Each endpoint is a fault-free test server (``tests/fault_server.py``) in its own process, so the servers do not compete
+Each endpoint is a fault-free test server (``tests/fixtures/fault_server.py``) in its own process, so the servers do not compete
 with the client for the GIL. A server answers every request after a fixed ``--delay`` and works on at most
 ``--slots`` requests at once; the others queue, as on a real server of fixed capacity. One endpoint can therefore
 serve at most ``slots / delay`` requests per second, whatever the client sends.
@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from cai.backends import make_backend  # noqa: E402
 from cai.backends.base import Sampling  # noqa: E402
-from cai.constitution import load_constitution  # noqa: E402
-from cai.generate import run_generate  # noqa: E402
-from cai.prompt_sets import load_prompts  # noqa: E402
+from cai.core.constitution import load_constitution  # noqa: E402
+from cai.generate.runner import run_generate  # noqa: E402
+from cai.core.prompt_files import load_prompts  # noqa: E402
 
 ARMS = (1, 2, 4)
 
@@ -44,7 +44,7 @@ def start_servers(n: int, delay: float, slots: int) -> list[tuple[subprocess.Pop
     """``n`` fault servers, each in its own process; each prints its URL and serves until its stdin closes."""
     servers = []
     for _ in range(n):
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_server.py"), "--delay", str(delay),
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fixtures" / "fault_server.py"), "--delay", str(delay),
                                  "--slots", str(slots)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         servers.append((proc, proc.stdout.readline().strip()))
     return servers

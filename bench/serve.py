@@ -1,7 +1,7 @@
 """Serving throughput and latency: `cai serve` vs `transformers serve --continuous-batching`, in one run.
 
 What is measured, on the default model (SmolLM2-135M-Instruct, converted into a local folder by
-`cai.models.resolve_model("default")`), on this machine's CPU:
+`cai.inference.loading.resolve_model("default")`), on this machine's CPU:
 
 - three arms, run one after another (never concurrently), each in its own server subprocess:
   * ``ours``        `cai serve --model default` (batched, default --max-batch 16)
@@ -225,7 +225,7 @@ def main() -> int:
     # SIGTERM (e.g. from `timeout`) raises SystemExit, so the `finally` below still stops the running server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from cai.models import choose_dtype, resolve_model
+    from cai.inference.loading import choose_dtype, resolve_model
 
     model_dir = str(resolve_model("default").path)
     cai_bin = shutil.which("cai", path=str(BIN)) or str(BIN / "cai")

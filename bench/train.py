@@ -53,7 +53,7 @@ def sft_run(model_path: str, rows: list[dict], *, padding_free: bool, steps: int
     from transformers import AutoTokenizer
     from trl import ModelConfig, SFTConfig, SFTTrainer
 
-    from cai.train import load_model
+    from cai.train.trainer import load_model
 
     tok = AutoTokenizer.from_pretrained(model_path)
     mcfg = ModelConfig(load_in_4bit=four_bit, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
@@ -87,7 +87,7 @@ def memory_child(model_path: str, mode: str) -> None:
     """In a fresh process: load the base as ``mode`` (4bit | 16bit), run one SFT step, print footprint and RSS."""
     from trl import ModelConfig
 
-    from cai.train import load_model
+    from cai.train.trainer import load_model
 
     import torch  # noqa: F401  (imports counted in the baseline)
     import trl  # noqa: F401
@@ -136,7 +136,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    from cai.models import resolve_model
+    from cai.inference.loading import resolve_model
 
     path = resolve_model(a.model).path
     if a.memory_child:
@@ -187,7 +187,7 @@ def gpu_bench(a) -> None:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from cai.models import resolve_model
+    from cai.inference.loading import resolve_model
 
     if not torch.cuda.is_available():
         sys.exit("--gpu needs a CUDA GPU")

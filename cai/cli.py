@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from cai import __version__
-from cai.errors import CaiError, display_path
-from cai.models import DTYPES
+from cai.core.errors import CaiError, display_path
+from cai.inference.loading import DTYPES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=["sft", "dpo"])
     p.add_argument("run", type=Path, nargs="?", help="the run folder (after `cai data build`)")
     p.add_argument("--config", type=Path, help="a YAML recipe; its values override the shipped one "
-                                               "(cai/recipes/<stage>.yaml)")
+                                               "(cai/resources/recipes/<stage>.yaml)")
     p.add_argument("--overwrite", action="store_true",
                    help="move a finished or unfinished adapter folder aside and train again")
     p.add_argument("--help-config", action="store_true", help="list every training setting and exit")
@@ -243,8 +243,8 @@ def _generate_args(p: argparse.ArgumentParser, demo: bool) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cai.constitution import load_constitution
-    from cai.errors import ConstitutionError
+    from cai.core.constitution import load_constitution
+    from cai.core.errors import ConstitutionError
 
     out = _console()
     failed = 0
@@ -264,7 +264,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from cai.constitution import import_anthropic, import_hf, parse_constitution
+    from cai.core.constitution import import_anthropic, import_hf, parse_constitution
 
     if args.output.exists() and not args.force:
         raise CaiError(f"{display_path(args.output)} already exists", hint="Pass --force to overwrite it.")
@@ -285,9 +285,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from cai.backends import make_backend
     from cai.backends.base import Sampling
-    from cai.constitution import load_constitution
-    from cai.generate import run_generate
-    from cai.prompt_sets import load_prompts
+    from cai.core.constitution import load_constitution
+    from cai.generate.runner import run_generate
+    from cai.core.prompt_files import load_prompts
 
     err = _console(stderr=True)
     constitution = load_constitution(args.constitution)
@@ -327,7 +327,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     err.print(f"model {backend.model} ({args.backend}) loaded in {time.perf_counter() - t_load:.1f}s; "
               f"{len(items)} prompts from {prompts.source}, constitution {constitution.name} v{constitution.version}")
     if dry:
-        from cai.generate import dry_run
+        from cai.generate.runner import dry_run
 
         with err.status("counting ..."):
             report = dry_run(constitution=constitution, items=items, backend=backend, out=args.out,
@@ -385,7 +385,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
-    from cai.datasets import BuildOptions, build_datasets, helpful_from_run, read_run_info
+    from cai.data.build import BuildOptions, build_datasets, helpful_from_run, read_run_info
 
     err = _console(stderr=True)
     opts = BuildOptions(helpful_mix=args.helpful_mix, test_size=args.test_size, all_rounds=args.all_rounds,
@@ -441,7 +441,7 @@ def _print_card(card) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cai.train import config_help, parse_config, train
+    from cai.train.trainer import config_help, parse_config, train
 
     if args.help_config:
         _console().print(config_help(args.stage), markup=False, highlight=False)
@@ -481,8 +481,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cai.datasets import read_run_info
-    from cai.evaluate import EvalOptions, plan_eval, run_eval
+    from cai.data.build import read_run_info
+    from cai.evaluation.runner import EvalOptions, plan_eval, run_eval
 
     err = _console(stderr=True)
     opts = EvalOptions(red_team=args.eval_red_team, helpful=args.eval_helpful, records=args.eval_records,
@@ -548,7 +548,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _make_judge(args, info: dict, kind: str, base_backend, device, err):
-    from cai.judge import EndpointJudge, LocalJudge
+    from cai.evaluation.judge import EndpointJudge, LocalJudge
 
     model = getattr(args, "judge_model", None)
     if kind == "openai":
@@ -592,7 +592,7 @@ def _eval_bar(console):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
-    from cai.evaluate import EvalProgress
+    from cai.evaluation.runner import EvalProgress
 
     bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
@@ -608,7 +608,7 @@ def _eval_bar(console):
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from cai.train import TrainProgress, merge_adapter
+    from cai.train.trainer import TrainProgress, merge_adapter
 
     err = _console(stderr=True)
     _quiet_libraries()
@@ -624,7 +624,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Check everything that can be checked before loading the model (keys, constitutions, adapters against the
     base), then serve. The server package is imported here only: the library never imports it."""
-    from cai.models import resolve_model
+    from cai.inference.loading import resolve_model
     from server.constitutions import ConstitutionRegistry
     from server.runner import serve
     from server.security import load_api_keys
@@ -681,7 +681,7 @@ def _train_bar(console, stage: str):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
-    from cai.train import TrainProgress
+    from cai.train.trainer import TrainProgress
 
     bar = RichProgress(TextColumn(f"[bold]{stage} steps"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
@@ -713,7 +713,7 @@ def _progress_bar(console, label: str = "records"):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
-    from cai.generate import Progress
+    from cai.generate.runner import Progress
 
     bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[stage]}"), TextColumn("{task.fields[rate]}"),

@@ -76,7 +76,7 @@ class ServerState:
 def load_engine(settings: Settings) -> tuple[Any, dict[str, dict | None]]:
     """The engine over the base model and the adapters (blocking), after checking each adapter's manifest against
     the base (see settings.check_adapter). Returns the engine (not started) and the manifests by adapter name."""
-    from cai.models import resolve_model
+    from cai.inference.loading import resolve_model
     from server.engine import Engine
 
     model_id = resolve_model(settings.model).model_id

@@ -9,8 +9,8 @@ inside it, in name order; other files (a README) and dotfiles (editor swap and l
 ignored. A file named explicitly is loaded whatever its suffix.
 
 Start-up is strict: any file that does not validate, two files declaring one ``name:``, a source that does not exist,
-or no constitution at all raises :class:`~cai.errors.ConstitutionError` listing every problem (``file:line: field:
-message``, as :func:`~cai.constitution.load_constitution` words them). After that the service is never taken down by
+or no constitution at all raises :class:`~cai.core.errors.ConstitutionError` listing every problem (``file:line: field:
+message``, as :func:`~cai.core.constitution.load_constitution` words them). After that the service is never taken down by
 an edit: a file that no longer validates keeps its last good version serving and is reported by
 :meth:`ConstitutionRegistry.errors` (and logged as a WARNING once per distinct failure) until it loads again.
 
@@ -43,8 +43,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cai.constitution import Constitution, parse_constitution
-from cai.errors import ConstitutionError, Issue
+from cai.core.constitution import Constitution, parse_constitution
+from cai.core.errors import ConstitutionError, Issue
 
 SUFFIXES = (".yaml", ".yml")
 RACY_NS = 2_000_000_000   # a read less than this long after the file's mtime may miss a same-tick, same-size write

@@ -62,9 +62,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cai.backends.base import Completion, Sampling
-from cai.errors import ContextLengthError, Issue, ModelError
-from cai.models import load_chat_model
-from cai.prompts import Message
+from cai.core.errors import ContextLengthError, Issue, ModelError
+from cai.inference.loading import load_chat_model
+from cai.core.prompts import Message
 
 log = logging.getLogger(__name__)
 
@@ -925,7 +925,7 @@ def _sample(probs: Any, top_p: float, generator: Any) -> int:
 
 class EngineBackend:
     """The cai :class:`~cai.backends.base.Backend` protocol over an engine and one of its models, so the server's
-    critique and revise routes run :class:`cai.pipeline.Generator` through the same worker as chat completions.
+    critique and revise routes run :class:`cai.generate.generator.Generator` through the same worker as chat completions.
 
     ``generate`` blocks: call it from a plain thread, never from the event loop. Row i of a batch is seeded with
     ``seed + i``; when the queue is full it waits for room rather than failing.

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from cai.errors import CaiError, ContextLengthError
+from cai.core.errors import CaiError, ContextLengthError
 from server.engine import EngineStopped, QueueFull, UnknownModel
 from server.services import ContextTooLong, GenerationFailed, InvalidRequest, NotFound
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 from server.app import create_app
 from server.settings import Settings
 

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from cai.errors import CaiError, display_path
+from cai.core.errors import CaiError, display_path
 
 OPEN_PATHS = frozenset({"/health"})
 _DIGITS = re.compile(rb"[0-9]{1,18}")   # a Content-Length value (ASCII digits only)

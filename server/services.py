@@ -5,12 +5,12 @@ iterator of chunk dicts) into a response. Failures are the exceptions below (and
 ``QueueFull``, ``EngineStopped``, cai's ``ContextLengthError``); ``server/errors.py`` maps each to an HTTP status in
 one function.
 
-One implementation of the stages. Critique and revise prompts always come from :mod:`cai.prompts` and run through
-:class:`cai.pipeline.Generator` over :class:`~server.engine.EngineBackend`, so a record from ``/v1/revise`` is the
+One implementation of the stages. Critique and revise prompts always come from :mod:`cai.core.prompts` and run through
+:class:`cai.generate.generator.Generator` over :class:`~server.engine.EngineBackend`, so a record from ``/v1/revise`` is the
 record ``cai generate`` would write for the same conversation, constitution, sampling and model (in the same dtype:
 ``cai serve --dtype auto`` is bf16 on a CPU with bf16 in hardware, ``cai generate`` fp32). An answer that
 already exists (the ``response`` of ``/v1/revise``, or the chat answer of the ``constitution`` extension) is handed to
-the Generator through a :class:`~cai.pipeline.MemoryStageCache` pre-seeded under the respond stage's key: the
+the Generator through a :class:`~cai.generate.generator.MemoryStageCache` pre-seeded under the respond stage's key: the
 Generator finds its first stage answered and goes on with the rounds, with no second code path.
 
 User text is data. Every message (and ``response``) goes through :class:`SpecialTokenFilter` before it reaches the
@@ -36,10 +36,10 @@ from functools import lru_cache, partial
 from typing import Any, AsyncIterator, Callable
 
 from cai.backends.base import Completion, Sampling
-from cai.constitution import Constitution
-from cai.pipeline import Generator, MemoryStageCache, Plan, check_output, draw_principles, record_key, stage_key
-from cai.prompt_sets import PromptItem, item_from_row
-from cai.prompts import Message, critique_messages, respond_messages
+from cai.core.constitution import Constitution
+from cai.generate.generator import Generator, MemoryStageCache, Plan, check_output, draw_principles, record_key, stage_key
+from cai.core.prompt_files import PromptItem, item_from_row
+from cai.core.prompts import Message, critique_messages, respond_messages
 from server.constitutions import ConstitutionRegistry
 from server.engine import Delta, Done, Engine, EngineBackend, Event, GenParams, Handle, TokenLogprob, UnknownModel
 from server.protocol import ChatCompletionRequest, ChatMessage, CritiqueRequest, ReviseRequest
@@ -452,7 +452,7 @@ class Services:
 
     async def critique(self, req: CritiqueRequest) -> dict:
         """Critique ``response`` against each principle named (or one drawn, as `cai generate` would draw it for
-        this conversation and seed). One batched engine call, with the prompts of :func:`cai.prompts.critique_messages`."""
+        this conversation and seed). One batched engine call, with the prompts of :func:`cai.core.prompts.critique_messages`."""
         c = self._constitution(req.constitution)
         model = req.model or self.engine.base_name
         backend = self._backend(model)
@@ -501,7 +501,7 @@ class Services:
 
     def _run_pipeline(self, backend: EngineBackend, item: PromptItem, revision: Revision, sampling: Sampling,
                       answer: Completion | None) -> dict:
-        """One record through cai.pipeline.Generator (blocking; in a worker thread). A given ``answer`` pre-seeds
+        """One record through cai.generate.generator.Generator (blocking; in a worker thread). A given ``answer`` pre-seeds
         the stage cache under the respond stage's key, so the Generator takes it as its first stage's output."""
         gen = Generator(revision.constitution, backend, rounds=revision.rounds, sampling=sampling)
         plan = self._plan(item, revision, backend, sampling)

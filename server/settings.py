@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.errors import CaiError, ModelError, display_path
+from cai.core.errors import CaiError, ModelError, display_path
 
 MANIFEST = "manifest.json"   # written by `cai train` next to each adapter (see cai/train.py)
 
@@ -91,7 +91,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 
 def check_adapter(name: str, folder: str, model_id: str) -> dict[str, Any] | None:
     """Refuse an adapter whose manifest names another base model than ``model_id`` (the served base's id, as
-    :func:`cai.models.resolve_model` gives it): LoRA weights of another base load without an error when the shapes
+    :func:`cai.inference.loading.resolve_model` gives it): LoRA weights of another base load without an error when the shapes
     happen to match and then produce garbage. Returns the manifest."""
     path = Path(folder)
     if not path.is_dir():

@@ -110,7 +110,7 @@ def constitution_yaml(n: int = 4, *, name: str = "small", weights: dict[str, flo
 
 
 def make_constitution(n: int = 4, **kwargs):
-    from cai.constitution import parse_constitution
+    from cai.core.constitution import parse_constitution
 
     return parse_constitution(constitution_yaml(n, **kwargs), "<test>")
 
@@ -162,7 +162,7 @@ def prompt_file(tmp_path):
 
 def items_from(rows: list[dict]):
     """PromptItems for rows, through the real loader's row parser."""
-    from cai.prompt_sets import _build
+    from cai.core.prompt_files import _build
 
     result = _build((("<test>", n, row) for n, row in enumerate(rows, start=1)), strict=True)
     return result.items

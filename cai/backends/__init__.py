@@ -21,7 +21,7 @@ def make_backend(kind: str, model: str | None = None, device: str | None = None,
         from cai.backends.openai import OpenAIBackend
 
         if model in (None, "", "default"):
-            from cai.errors import CaiError
+            from cai.core.errors import CaiError
 
             raise CaiError("the openai backend needs --model: the model name the endpoint serves")
         return OpenAIBackend(model, **options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
-from cai.prompts import Message
+from cai.core.prompts import Message
 
 
 @dataclass(frozen=True)

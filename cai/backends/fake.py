@@ -15,7 +15,7 @@ import os
 import time
 
 from cai.backends.base import Completion, Sampling
-from cai.prompts import Message
+from cai.core.prompts import Message
 
 
 class FakeBackend:

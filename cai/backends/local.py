@@ -20,9 +20,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from cai.backends.base import Completion, Sampling
-from cai.errors import ContextLengthError, Issue
-from cai.models import load_chat_model
-from cai.prompts import Message
+from cai.core.errors import ContextLengthError, Issue
+from cai.inference.loading import load_chat_model
+from cai.core.prompts import Message
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class LocalBackend:
         if getattr(self.lm.config, "_attn_implementation", None) != "sdpa":
             return False
         try:
-            from cai.backends.prefix_attention import register
+            from cai.inference.prefix_attention import register
 
             self.lm.set_attn_implementation(register())
             return True
@@ -126,7 +126,7 @@ class LocalBackend:
         extra: dict = {}
         if cache is not None and self.shared_prefix:
             # only the rows' suffixes go in; the prefix lives once in the cache, positions continue after it
-            from cai.backends.prefix_attention import SuffixCache
+            from cai.inference.prefix_attention import SuffixCache
 
             input_ids = torch.tensor([[pad] * (width - (n - p)) + x[p:] for x, n in zip(ids, lengths)],
                                      device=self.device)

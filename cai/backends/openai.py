@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 
 from cai.backends.base import Completion, Sampling
-from cai.errors import CaiError
-from cai.prompts import Message
+from cai.core.errors import CaiError
+from cai.core.prompts import Message
 
 log = logging.getLogger(__name__)
 

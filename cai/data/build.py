@@ -1,0 +1,396 @@
+"""Records → training data: SFT rows, DPO pairs, helpfulness mixing, a split by prompt, a dataset card.
+
+``build_datasets(run)`` reads ``runs/<name>/records.jsonl`` and writes ``runs/<name>/data/``:
+
+- ``sft_{train,test}.jsonl``: ``{"prompt": [...conversation], "completion": [{"role": "assistant", "content":
+  revision}]}``; the final revision of each record, or (``all_rounds``) every round's revision, as the paper trained
+  on all of them. Prompt/completion rows make TRL train on the answer only, never on the red-team prompt.
+- ``dpo_{train,test}.jsonl``: ``{"prompt": [...conversation], "chosen": [assistant: final revision],
+  "rejected": [assistant: initial answer]}``. A pair whose two answers are the same text is left out.
+- ``card.json`` and ``README.md``: counts, the helpfulness ratio, the constitution(s), every file's sha256 and the
+  dataset's (the hash ``cai train`` writes into an adapter's manifest).
+
+These are TRL's conversational column names, so ``trl sft`` / ``trl dpo`` read the files unchanged.
+
+**Helpfulness mixing** (``helpful_mix``): the fraction of the SFT rows that are ordinary prompts answered by the same
+model with no critique (the paper mixed these in so the model does not turn evasive). The answers are generated
+into ``runs/<name>/helpful/`` (a run folder of its own: resumable, reused by later builds) with the run's model and
+sampling settings.
+
+**Flagged texts** (empty, echo, truncated, unchanged) are left out unless their flag is named in ``allow_flags``:
+an SFT row when the revision it trains on is flagged, a DPO pair when either of its answers is. The card counts what
+was left out and why.
+
+**Split by prompt**: rows are grouped by their conversation (the same prompt under two ids is one group); a group
+goes to test when its seeded hash falls in the first ``test_size`` of the hash range (so about that fraction, not
+exactly). No prompt is in both splits, and the split of a prompt does not change when other prompts are added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from cai import __version__
+from cai.core.errors import DataError, RunFolderError, display_path
+from cai.core.files import write_bytes_atomic, write_json_atomic
+from cai.core.record import FLAGS, Record, read_records
+
+DATA_DIR = "data"
+HELPFUL_DIR = "helpful"
+FILES = ("sft_train", "sft_test", "dpo_train", "dpo_test")
+
+
+@dataclass
+class BuildOptions:
+    helpful_mix: float = 0.0          # fraction of SFT rows that are helpfulness rows, in [0, 1)
+    test_size: float = 0.1            # fraction of prompts held out, in [0, 1)
+    all_rounds: bool = False          # an SFT row per round's revision, not only the final one
+    allow_flags: tuple[str, ...] = ()  # flags that do not exclude a record
+    seed: int = 0                     # the split and the choice of helpful prompts
+    helpful_prompts: str = "data/prompts/helpful.jsonl"
+
+    def check(self) -> None:
+        if not 0 <= self.helpful_mix < 1:
+            raise DataError(f"--helpful-mix must be in [0, 1), got {self.helpful_mix}",
+                            hint="It is the fraction of SFT rows that are helpfulness rows: 0.5 = as many as the "
+                                 "harmlessness rows.")
+        if not 0 <= self.test_size < 1:
+            raise DataError(f"--test-size must be in [0, 1), got {self.test_size}")
+        unknown = [f for f in self.allow_flags if f not in FLAGS]
+        if unknown:
+            raise DataError(f"unknown flag(s) {', '.join(map(repr, unknown))} (flags are {', '.join(FLAGS)})")
+
+
+@dataclass
+class Card:
+    """What ``data build`` wrote, and from what. Serialised as ``data/card.json``."""
+
+    run: str
+    constitution: list[dict]
+    model: str | None
+    options: dict
+    records: int = 0
+    excluded: dict[str, int] = field(default_factory=dict)      # by reason: flag names, "no_pair" (DPO)
+    duplicates: dict[str, int] = field(default_factory=dict)    # dropped duplicate rows, per file kind
+    counts: dict[str, int] = field(default_factory=dict)        # rows per file
+    helpful: dict[str, Any] = field(default_factory=dict)       # requested, available, used, ratio
+    prompts: dict[str, int] = field(default_factory=dict)       # prompt groups per split
+    files: dict[str, str] = field(default_factory=dict)         # file name -> sha256
+    sha256: str = ""                                            # the dataset's hash (over the files' hashes)
+    created_at: str = ""
+    cai_version: str = __version__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def _conversation(record: Record) -> list[dict]:
+    return [dict(m) for m in record.messages]
+
+
+def _allowed(flags: list[str], allow: set[str]) -> str | None:
+    """The first flag that excludes a text, or None."""
+    return next((f for f in flags if f not in allow), None)
+
+
+def sft_rows(record: Record, all_rounds: bool, allow: set[str]) -> tuple[list[dict], list[str]]:
+    """SFT rows of one record, and the reasons for rows left out."""
+    convo = _conversation(record)
+    if all_rounds and record.rounds:
+        rows, reasons = [], []
+        for rnd in record.rounds:
+            own = [f for f in rnd.flags if not f.startswith("critique_")]
+            bad = _allowed(own, allow)
+            if bad:
+                reasons.append(bad)
+            else:
+                rows.append({"prompt": convo, "completion": [_assistant(rnd.revision)]})
+        return rows, reasons
+    # the final revision: left out when that text is flagged (a flagged earlier answer does not spoil it)
+    bad = _allowed(_final_flags(record), allow)
+    return ([], [bad]) if bad else ([{"prompt": convo, "completion": [_assistant(record.final)]}], [])
+
+
+def _final_flags(record: Record) -> list[str]:
+    if not record.rounds:
+        return record.initial_flags
+    return [f for f in record.rounds[-1].flags if not f.startswith("critique_")]
+
+
+def dpo_row(record: Record, allow: set[str]) -> tuple[dict | None, str | None]:
+    """The DPO pair of one record (chosen = final revision, rejected = initial answer), or the reason there is none."""
+    if not record.rounds:
+        return None, "no_pair"
+    bad = _allowed(record.flags, allow)
+    if bad:
+        return None, bad
+    if " ".join(record.final.split()) == " ".join(record.initial.split()):
+        return None, "no_pair"
+    return {"prompt": _conversation(record), "chosen": [_assistant(record.final)], "rejected": [_assistant(record.initial)]}, None
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _group(row: dict) -> str:
+    """The prompt a row belongs to (its conversation before the answer), for the split."""
+    return _digest(row["prompt"])
+
+
+def split_groups(groups: list[str], test_size: float, seed: int) -> set[str]:
+    """The groups that go to test: those whose seeded hash falls below ``test_size`` of the hash range, so a prompt's
+    split depends on that prompt alone (adding prompts never moves another). When that picks none of two or more
+    groups, the lowest hash goes to test; when it picks all, the highest stays in train."""
+    unique = sorted(set(groups), key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    if test_size <= 0 or len(unique) < 2:
+        return set()
+    cut = test_size * 2 ** 256
+    test = {g for g in unique if int(hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), 16) < cut}
+    if not test:
+        test = {unique[0]}
+    if len(test) == len(unique):
+        test.discard(unique[-1])
+    return test
+
+
+def _dedup(rows: list[dict]) -> tuple[list[dict], int]:
+    seen, out = set(), []
+    for row in rows:
+        d = _digest(row)
+        if d not in seen:
+            seen.add(d)
+            out.append(row)
+    return out, len(rows) - len(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building
+
+
+def read_run_info(run: Path) -> dict:
+    """A run folder's run.json (checked to be a run folder)."""
+    if not run.is_dir():
+        raise RunFolderError(f"{display_path(run)} is not a folder", hint="Pass the run folder `cai generate` wrote.")
+    try:
+        info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunFolderError(f"{display_path(run)} is not a cai run folder (no run.json)",
+                             hint="Pass the --out folder of `cai generate`.") from None
+    except ValueError:
+        raise RunFolderError(f"{display_path(run / 'run.json')} is unreadable") from None
+    return info
+
+
+def read_run(run: Path) -> tuple[dict, list[Record]]:
+    info = read_run_info(run)
+    records = read_records(run)
+    if not records:
+        raise DataError(f"{display_path(run)} has no records (records.jsonl is missing or empty)",
+                        hint="Run `cai generate --out " + display_path(run) + " ...` first.")
+    return info, records
+
+
+def helpful_needed(n_harmless: int, mix: float) -> int:
+    return math.ceil(n_harmless * mix / (1 - mix)) if mix > 0 else 0
+
+
+HelpfulSource = Callable[[int], list[Record]]
+
+
+def build_datasets(run: str | Path, options: BuildOptions | None = None,
+                   helpful_source: HelpfulSource | None = None) -> Card:
+    """Write ``run/data/`` from ``run/records.jsonl``. ``helpful_source(n)`` returns up to ``n`` helpfulness records
+    (answers with no rounds); it is called only when ``options.helpful_mix`` > 0."""
+    run = Path(run)
+    opts = options or BuildOptions()
+    opts.check()
+    info, records = read_run(run)
+    allow = set(opts.allow_flags)
+
+    card = Card(run=str(run), model=info.get("model"), options=asdict(opts),
+                constitution=_constitutions(records), records=len(records))
+    sft: list[dict] = []
+    dpo: list[dict] = []
+    for rec in records:
+        rows, reasons = sft_rows(rec, opts.all_rounds, allow)
+        sft += rows
+        for r in reasons:
+            card.excluded[f"sft:{r}"] = card.excluded.get(f"sft:{r}", 0) + 1
+        pair, reason = dpo_row(rec, allow)
+        if pair:
+            dpo.append(pair)
+        else:
+            card.excluded[f"dpo:{reason}"] = card.excluded.get(f"dpo:{reason}", 0) + 1
+    if not sft and not dpo:
+        flagged = sum(1 for r in records if r.flags)
+        raise DataError(
+            f"none of the {len(records)} records in {display_path(run)} can be used: "
+            + (f"all {flagged} are flagged ({_flag_summary(records)})" if flagged == len(records)
+               else "no usable revisions"),
+            hint="Flagged records never train silently. Allow a flag on purpose with --allow-flag FLAG (e.g. "
+                 "--allow-flag truncated for a small model that rambles to the token limit), or regenerate with a "
+                 "larger --max-new-tokens or a stronger model.")
+    sft, card.duplicates["sft"] = _dedup(sft)
+    dpo, card.duplicates["dpo"] = _dedup(dpo)
+
+    helpful_rows: list[dict] = []
+    if opts.helpful_mix > 0:
+        want = helpful_needed(len(sft), opts.helpful_mix)
+        got = helpful_source(want) if helpful_source else []
+        excluded = 0
+        for rec in got:
+            rows, reasons = sft_rows(rec, False, allow)
+            helpful_rows += rows
+            excluded += len(reasons)
+        helpful_rows, dup = _dedup(helpful_rows)
+        helpful_rows = helpful_rows[:want]
+        card.helpful = {"requested_ratio": opts.helpful_mix, "needed": want, "answered": len(got),
+                        "excluded_flagged": excluded, "duplicates": dup, "used": len(helpful_rows),
+                        "ratio": round(len(helpful_rows) / (len(helpful_rows) + len(sft)), 4) if sft else 0.0,
+                        "source": opts.helpful_prompts}
+
+    # one split for every file: a prompt held out of SFT is held out of DPO too
+    test_groups = split_groups([_group(r) for r in sft + dpo + helpful_rows], opts.test_size, opts.seed)
+    out_rows = {name: [] for name in FILES}
+    for kind, rows in (("sft", sft + helpful_rows), ("dpo", dpo)):
+        for row in rows:
+            out_rows[f"{kind}_{'test' if _group(row) in test_groups else 'train'}"].append(row)
+    if not out_rows["sft_train"] and not out_rows["dpo_train"]:
+        raise DataError("no training rows left after the split", hint="Lower --test-size or generate more records.")
+    groups = {_group(r) for r in sft + dpo + helpful_rows}
+    card.prompts = {"total": len(groups), "test": len(test_groups & groups)}
+
+    data = run / DATA_DIR
+    data.mkdir(parents=True, exist_ok=True)
+    for name, rows in out_rows.items():
+        card.files[f"{name}.jsonl"] = _write_jsonl(data / f"{name}.jsonl", rows)
+        card.counts[name] = len(rows)
+    card.sha256 = _digest(card.files)
+    card.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json_atomic(data / "card.json", asdict(card))
+    write_bytes_atomic(data / "README.md", render_card(card).encode("utf-8"))
+    return card
+
+
+def read_card(run: str | Path) -> dict:
+    path = Path(run) / DATA_DIR / "card.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{display_path(path.parent)} has no training data (no card.json)",
+                        hint=f"Run `cai data build {display_path(run)}` first.") from None
+    except ValueError:
+        raise DataError(f"{display_path(path)} is unreadable", hint="Run `cai data build` again.") from None
+
+
+def check_files(run: str | Path, card: dict) -> None:
+    """The data files still match the card (not edited by hand or half-written since)."""
+    data = Path(run) / DATA_DIR
+    for name, sha in card["files"].items():
+        path = data / name
+        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+            raise DataError(f"{display_path(path)} does not match {display_path(data / 'card.json')}",
+                            hint=f"It changed after `cai data build`; run `cai data build {display_path(run)}` "
+                                 "again.")
+
+
+def _constitutions(records: list[Record]) -> list[dict]:
+    seen: dict[str, dict] = {}
+    for r in records:
+        c = r.provenance.get("constitution") or {}
+        if c.get("sha256") and c["sha256"] not in seen:
+            seen[c["sha256"]] = {"name": c.get("name"), "version": c.get("version"), "sha256": c["sha256"]}
+    return list(seen.values())
+
+
+def _flag_summary(records: list[Record]) -> str:
+    counts: dict[str, int] = {}
+    for r in records:
+        for f in r.flags:
+            counts[f] = counts.get(f, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    write_bytes_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def render_card(card: Card) -> str:
+    c = ", ".join(f"{x['name']} v{x['version']} (sha256 {x['sha256'][:12]})" for x in card.constitution) or "?"
+    lines = [
+        f"# Dataset card: {card.run}", "",
+        f"Built by `cai data build` (cai {card.cai_version}) on {card.created_at} from {card.records} records.", "",
+        f"- model that generated the records: {card.model}",
+        f"- constitution: {c}",
+        f"- dataset sha256: `{card.sha256}`",
+        f"- options: {json.dumps(card.options)}",
+        f"- prompts: {card.prompts.get('total', 0)} ({card.prompts.get('test', 0)} held out for test)", "",
+        "| file | rows | sha256 |", "|---|---|---|",
+    ]
+    lines += [f"| {name} | {card.counts[name[:-6]]} | `{sha[:16]}` |" for name, sha in card.files.items()]
+    if card.helpful:
+        h = card.helpful
+        lines += ["", f"Helpfulness mix: {h['used']} rows of ordinary prompts answered by the same model "
+                      f"(asked for ratio {h['requested_ratio']}, got {h['ratio']}; {h['excluded_flagged']} flagged "
+                      "answers left out)."]
+    if card.excluded:
+        lines += ["", "Left out: " + ", ".join(f"{k} {v}" for k, v in sorted(card.excluded.items())) + "."]
+    lines += ["", "SFT rows: `prompt` (the conversation), `completion` (the revision). DPO rows: `prompt`, `chosen` "
+                  "(final revision), `rejected` (initial answer). TRL reads both as they are.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpfulness answers
+
+
+def helpful_from_run(run: Path, info: dict, prompts: str, seed: int, make_backend: Callable[[str, str], Any],
+                     progress=None, batch_size: int = 16) -> HelpfulSource:
+    """A ``HelpfulSource`` that answers ordinary prompts with the run's model and sampling settings into
+    ``run/helpful/`` (rounds=0: the answer only). Prompts are taken in a seeded order; answers already in the
+    folder are reused. ``make_backend(kind, model)`` builds the backend (only when something is left to answer)."""
+    from cai.backends.base import Sampling
+    from cai.core.constitution import load_constitution
+    from cai.generate.runner import run_generate
+    from cai.core.prompt_files import load_prompts
+
+    def source(n: int) -> list[Record]:
+        items = load_prompts(prompts).items
+        items.sort(key=lambda it: hashlib.sha256(f"{seed}:{it.id}".encode()).hexdigest())
+        items = items[:n]
+        cpath = (info.get("constitution") or {}).get("path")
+        if not cpath or not Path(cpath).exists():
+            raise DataError(f"{display_path(run / 'run.json')} does not name a constitution file that exists "
+                            f"({cpath!r}); it is needed to answer the helpfulness prompts",
+                            hint="Run `cai generate` for this folder again (it records the path), or build with "
+                                 "--helpful-mix 0.")
+        constitution = load_constitution(cpath)
+        kind = info.get("backend") or "local"
+        model = info.get("model_source") or info.get("model")
+        sampling = Sampling(**info["sampling"])
+        out = run / HELPFUL_DIR
+        have = read_records(out) if (out / "records.jsonl").exists() else []
+        wanted = {it.id for it in items}
+        if not wanted <= {r.prompt_id for r in have}:
+            backend = make_backend(kind, model)
+            run_generate(constitution=constitution, items=items, backend=backend, out=out, rounds=0,
+                         sampling=sampling, batch_size=batch_size, progress=progress, model_source=model,
+                         constitution_path=cpath)
+            have = read_records(out)
+        return [r for r in have if r.prompt_id in wanted]
+
+    return source

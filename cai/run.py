@@ -1,0 +1,254 @@
+"""The run folder: the one owner of its paths, its ``run.json`` (a typed :class:`RunInfo`), its lock and its manifests.
+
+Every command reaches a run folder through :class:`RunFolder`, so the file names, the checks that a folder is a run
+folder, and the answer to "which model made this run" live here once. Paths written into ``run.json``, manifests and
+cards are relative to the run folder where they point inside it (``data/card.json``), and relative to it with ``..``
+where they point outside (the constitution file a run was generated with): a run folder moved together with what it
+points at, or archived with its own files, still opens. Absolute paths written by older versions are still read.
+
+Layout::
+
+    RUN/run.json            RunInfo: constitution, model, prompts, backend, sampling, rounds
+    RUN/records.jsonl       one Record a line (cai.core.record)
+    RUN/superseded.jsonl    records whose key changed (a constitution edit), kept
+    RUN/stages.jsonl        the model-call cache (cai.generate.store)
+    RUN/errors.jsonl        requests that failed, prompts left out
+    RUN/data/               training rows and their card (cai.data)
+    RUN/adapters/<stage>/   a trained adapter and its manifest.json (cai.train)
+    RUN/eval/               answers, judgements, report.json, report.html (cai.evaluation)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from cai.core.errors import RunFolderError, display_path
+from cai.core.files import folder_lock, write_json_atomic
+
+RUN_FILE = "run.json"
+RECORDS = "records.jsonl"
+SUPERSEDED = "superseded.jsonl"
+STAGES = "stages.jsonl"
+ERRORS = "errors.jsonl"
+PREFERENCES = "preferences.jsonl"
+REVIEWS = "reviews.jsonl"
+DATA_DIR = "data"
+ADAPTERS_DIR = "adapters"
+MANIFEST = "manifest.json"
+EVAL_DIR = "eval"
+ITERATIONS_DIR = "iterations"
+
+
+class ConstitutionRef(BaseModel):
+    """Which constitution a run was generated with (its content hash identifies the version)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    version: str | None = None
+    sha256: str | None = None
+    path: str | None = None       # the file, relative to the run folder (absolute in folders of older versions)
+
+
+class RunInfo(BaseModel):
+    """``run.json``: what made a run folder's records. Written by ``cai generate``, read by every later command.
+    Unknown keys are ignored (a newer cai may add some); missing required ones are an error naming the file."""
+
+    model_config = ConfigDict(extra="ignore")
+    constitution: ConstitutionRef
+    model: str                               # the model id as the backend reports it
+    model_source: str | None = None          # the model as the user named it (``default``, a folder, a hub id)
+    model_revision: str | None = None
+    prompts: str | None = None               # the prompt file (relative to the run folder) or a hub dataset name
+    backend: str = "local"
+    base_urls: list[str] | None = None       # the endpoints of an openai-backend run
+    rounds: int = 1
+    sampling: dict[str, Any] = {}
+    created_at: str | None = None
+    updated_at: str | None = None
+    cai_version: str | None = None
+
+
+class RunFolder:
+    """A run folder. ``RunFolder(path)`` names one (it may not exist yet: ``cai generate`` creates it);
+    :meth:`open` names one that must already be a run folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._info: RunInfo | None = None
+
+    @classmethod
+    def open(cls, root: str | Path) -> RunFolder:
+        """A folder that ``cai generate`` made (it has a readable ``run.json``), or a clear error."""
+        run = cls(root)
+        run.info   # noqa: B018  (reads and checks run.json now, so the error comes before any work)
+        return run
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+    # -- paths ------------------------------------------------------------------------------------------------
+    @property
+    def run_file(self) -> Path:
+        return self.root / RUN_FILE
+
+    @property
+    def records(self) -> Path:
+        return self.root / RECORDS
+
+    @property
+    def superseded(self) -> Path:
+        return self.root / SUPERSEDED
+
+    @property
+    def stages(self) -> Path:
+        return self.root / STAGES
+
+    @property
+    def errors(self) -> Path:
+        return self.root / ERRORS
+
+    @property
+    def preferences(self) -> Path:
+        return self.root / PREFERENCES
+
+    @property
+    def reviews(self) -> Path:
+        return self.root / REVIEWS
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / DATA_DIR
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / ADAPTERS_DIR
+
+    def adapter_dir(self, stage: str) -> Path:
+        return self.adapters_dir / stage
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.adapter_dir(stage) / MANIFEST
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / EVAL_DIR
+
+    @property
+    def iterations_dir(self) -> Path:
+        return self.root / ITERATIONS_DIR
+
+    def shown(self, path: Path | None = None) -> str:
+        """A path as error messages show it."""
+        return display_path(path if path is not None else self.root)
+
+    # -- run.json ---------------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.run_file.exists()
+
+    @property
+    def info(self) -> RunInfo:
+        if self._info is None:
+            self._info = self.read_info()
+        return self._info
+
+    def read_info(self) -> RunInfo:
+        """Read and check ``run.json``. Every way it can be wrong is a :class:`RunFolderError` naming the file."""
+        if not self.root.is_dir():
+            what = "does not exist" if not self.root.exists() else "is not a folder"
+            raise RunFolderError(f"{self.shown()} {what}", hint="Pass the --out folder of `cai generate`.")
+        try:
+            text = self.run_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RunFolderError(f"{self.shown()} is not a cai run folder (no {RUN_FILE})",
+                                 hint="Pass the --out folder of `cai generate`.") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RunFolderError(f"{self.shown(self.run_file)} is unreadable ({e})") from None
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise RunFolderError(f"{self.shown(self.run_file)}:{getattr(e, 'lineno', '?')}: not JSON ({e})",
+                                 hint="Fix or delete it, or choose another folder.") from None
+        try:
+            return RunInfo.model_validate(obj)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(x) for x in first["loc"]) or "(top level)"
+            raise RunFolderError(f"{self.shown(self.run_file)}: field {field}: {first['msg']}",
+                                 hint="This run.json was not written by cai generate; fix or delete it.") from None
+
+    def write_info(self, info: RunInfo) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_file, info.model_dump(mode="json"))
+        self._info = info
+
+    # -- what the run is made of ------------------------------------------------------------------------------
+    @property
+    def model_source(self) -> str:
+        """The model to load for this run's base: as the user named it, else the id the backend reported."""
+        return self.info.model_source or self.info.model
+
+    def constitution_file(self) -> Path | None:
+        """The constitution file the run was generated with (None when run.json names none)."""
+        return self.resolve(self.info.constitution.path)
+
+    def prompts_source(self) -> str | None:
+        """The prompt file as a path that opens from here, or a hub dataset name as it was given."""
+        stored = self.info.prompts
+        if not stored:
+            return None
+        path = self.resolve(stored)
+        return str(path) if path is not None and path.exists() else stored
+
+    # -- paths stored in files --------------------------------------------------------------------------------
+    def rel(self, path: str | Path | None) -> str | None:
+        """``path`` as stored in this folder's files: relative to the run folder (with ``..`` if outside it)."""
+        if path is None:
+            return None
+        p = Path(path).resolve()
+        try:
+            return os.path.relpath(p, self.root.resolve())
+        except ValueError:       # another drive (Windows): keep it absolute
+            return str(p)
+
+    def resolve(self, stored: str | None) -> Path | None:
+        """A path read from this folder's files: relative ones are relative to the run folder; absolute ones (older
+        versions wrote those) are taken as they are."""
+        if not stored:
+            return None
+        p = Path(stored)
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    # -- manifests and the lock -------------------------------------------------------------------------------
+    def read_manifest(self, stage: str) -> dict | None:
+        """The manifest of a finished adapter, or None when the stage has not finished."""
+        path = self.manifest_path(stage)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise RunFolderError(f"{self.shown(path)} is unreadable",
+                                 hint=f"Train the stage again with `cai train {stage} {self.shown()} "
+                                      "--overwrite`.") from None
+
+    def write_manifest(self, stage: str, manifest: dict) -> None:
+        self.adapter_dir(stage).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.manifest_path(stage), manifest)
+
+    def finished_adapters(self) -> list[str]:
+        """Stages with a finished adapter (a manifest), in name order."""
+        if not self.adapters_dir.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.adapters_dir.glob(f"*/{MANIFEST}"))
+
+    @contextlib.contextmanager
+    def lock(self, what: str, hint: str = "Wait for it to finish.") -> Iterator[None]:
+        """Keep two cai processes out of this folder (a second one gets a clear error, not interleaved writes)."""
+        with folder_lock(self.root, what, hint):
+            yield
