@@ -37,6 +37,7 @@ from typing import Any, AsyncIterator, Callable
 
 from cai.backends.base import Completion, Sampling
 from cai.core.constitution import Constitution
+from cai.core.record import Record
 from cai.generate.generator import Generator, MemoryStageCache, Plan, check_output, draw_principles, record_key, stage_key
 from cai.core.prompt_files import PromptItem, item_from_row
 from cai.core.prompts import Message, critique_messages, respond_messages
@@ -361,9 +362,9 @@ class Services:
         texts = [d.text for d in results]
         if job.revision is not None:
             records = await asyncio.gather(*(self._revise_answer(job, i, d) for i, d in enumerate(results)))
-            usage = {"prompt_tokens": sum(r["usage"]["prompt_tokens"] for r in records),
-                     "completion_tokens": sum(r["usage"]["completion_tokens"] for r in records)}
-            texts = [r["final"] for r in records]
+            usage = {"prompt_tokens": sum(r.usage["prompt_tokens"] for r in records),
+                     "completion_tokens": sum(r.usage["completion_tokens"] for r in records)}
+            texts = [r.final for r in records]
             extensions = [_extension_field(r) for r in records]
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         self.on_usage(job.model, usage["prompt_tokens"], usage["completion_tokens"])
@@ -439,7 +440,7 @@ class Services:
         return Sampling(temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_tokens,
                         seed=p.seed if p.seed is not None else 0)
 
-    async def _revise_answer(self, job: ChatJob, index: int, answer: Done) -> dict:
+    async def _revise_answer(self, job: ChatJob, index: int, answer: Done) -> Record:
         assert job.revision is not None
         backend = EngineBackend(self.engine, job.model)
         sampling = self._extension_sampling(job, index)
@@ -494,13 +495,13 @@ class Services:
             answer = Completion(self.neutralise(req.response).strip(), 0, 0, "stop")
         self.engine.check_admission()
         record = await self._in_thread(backend, self._run_pipeline, backend, item, revision, sampling, answer)
-        self.on_usage(model, record["usage"]["prompt_tokens"], record["usage"]["completion_tokens"])
-        return record
+        self.on_usage(model, record.usage["prompt_tokens"], record.usage["completion_tokens"])
+        return record.to_json()
 
     # -- the pipeline ------------------------------------------------------------------------------------------
 
     def _run_pipeline(self, backend: EngineBackend, item: PromptItem, revision: Revision, sampling: Sampling,
-                      answer: Completion | None) -> dict:
+                      answer: Completion | None) -> Record:
         """One record through cai.generate.generator.Generator (blocking; in a worker thread). A given ``answer`` pre-seeds
         the stage cache under the respond stage's key, so the Generator takes it as its first stage's output."""
         gen = Generator(revision.constitution, backend, rounds=revision.rounds, sampling=sampling)
@@ -631,15 +632,15 @@ def _check_done(done: Done) -> None:
         raise GenerationFailed("the request was cancelled before it finished (the server is shutting down)")
 
 
-def _extension_field(record: dict) -> dict:
+def _extension_field(record: Record) -> dict:
     """What a chat choice says of its critique→revise run (the ``cai`` field next to ``message``)."""
-    return {"constitution": record["provenance"]["constitution"],
-            "principles": [r["principle"] for r in record["rounds"]],
-            "initial": record["initial"],
-            "rounds": [{"principle": r["principle"], "critique": r["critique"], "revision": r["revision"],
-                        "flags": r["flags"]} for r in record["rounds"]],
-            "flags": record["flags"],
-            "record_id": record["id"]}
+    return {"constitution": record.provenance.constitution.model_dump(mode="json"),
+            "principles": [r.principle for r in record.rounds],
+            "initial": record.initial,
+            "rounds": [{"principle": r.principle, "critique": r.critique, "revision": r.revision,
+                        "flags": r.flags} for r in record.rounds],
+            "flags": record.flags,
+            "record_id": record.id}
 
 
 async def _chunks_of(result: dict, include_usage: bool) -> AsyncIterator[dict]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+
 from typing_extensions import TypedDict
 
 from cai.core.constitution import Constitution, Exemplar, Principle

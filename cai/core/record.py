@@ -15,11 +15,13 @@ from cai.core.errors import RunFolderError, display_path
 from cai.core.files import read_jsonl
 from cai.core.prompts import Message
 
-
 FLAGS = ("empty", "echo", "truncated", "unchanged")
 
 
 class Round(BaseModel):
+    """One critique→revision round: the principle drawn (and the hash of its text), the critique, the revision, and
+    the problems found in them (``FLAGS``; a critique's own problems are prefixed ``critique_``)."""
+
     model_config = ConfigDict(extra="forbid")
     principle: str
     principle_sha256: str
@@ -28,7 +30,36 @@ class Round(BaseModel):
     flags: list[str] = []
 
 
+class ConstitutionStamp(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    version: str | None = None
+    sha256: str
+
+
+class Provenance(BaseModel):
+    """What made a record: constitution (and each principle's hash), prompt format, model, backend, sampling.
+    Older or newer versions of cai may write keys this one does not know: they are kept, not refused."""
+
+    model_config = ConfigDict(extra="allow")
+    constitution: ConstitutionStamp
+    principle_sha256: dict[str, str] = {}
+    frame_sha256: str | None = None
+    prompt_format: str | None = None
+    model: str
+    model_revision: str | None = None
+    backend: str
+    sampling: dict[str, Any] = {}
+    seed: int | None = None
+    rounds: int | None = None
+    created_at: str | None = None
+    cai_version: str | None = None
+
+
 class Record(BaseModel):
+    """One line of ``records.jsonl``. ``id`` is the record's key (``cai.core.hashing.record_key``): the prompt, the
+    principles drawn, the prompt frame, the model and the sampling; a changed key means a new record."""
+
     model_config = ConfigDict(extra="forbid")
     id: str
     prompt_id: str
@@ -40,7 +71,11 @@ class Record(BaseModel):
     final: str
     flags: list[str]
     usage: dict[str, int]           # prompt_tokens, completion_tokens over every stage
-    provenance: dict[str, Any]
+    provenance: Provenance
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written to ``records.jsonl`` (field order as declared)."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 def read_records(path: str | Path) -> list[Record]:

@@ -309,9 +309,9 @@ def check_files(run: str | Path, card: dict) -> None:
 def _constitutions(records: list[Record]) -> list[dict]:
     seen: dict[str, dict] = {}
     for r in records:
-        c = r.provenance.get("constitution") or {}
-        if c.get("sha256") and c["sha256"] not in seen:
-            seen[c["sha256"]] = {"name": c.get("name"), "version": c.get("version"), "sha256": c["sha256"]}
+        c = r.provenance.constitution
+        if c.sha256 not in seen:
+            seen[c.sha256] = {"name": c.name, "version": c.version, "sha256": c.sha256}
     return list(seen.values())
 
 

@@ -21,14 +21,23 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from difflib import SequenceMatcher
-from typing import Any, Callable, Coroutine, Generator as Gen, Protocol, runtime_checkable
+from typing import Any, Callable, Coroutine, Protocol, runtime_checkable
+from typing import Generator as Gen
 
 from cai import __version__
 from cai.backends.base import Backend, Completion, Sampling
 from cai.core.constitution import Constitution
 from cai.core.errors import Issue
 from cai.core.prompt_files import PromptItem
-from cai.core.prompts import PROMPT_FORMAT, Message, critique_messages, frame_sha256, respond_messages, revise_messages
+from cai.core.prompts import (
+    PROMPT_FORMAT,
+    Message,
+    critique_messages,
+    frame_sha256,
+    respond_messages,
+    revise_messages,
+)
+from cai.core.record import Record, Round
 
 
 @dataclass(frozen=True)
@@ -218,7 +227,7 @@ class Generator:
                     file or None, int(line) if line.isdigit() else None)
         return issues, sizes
 
-    def _chain(self, plan: Plan) -> Gen[tuple[str, int, list[Message]], Completion, dict]:
+    def _chain(self, plan: Plan) -> Gen[tuple[str, int, list[Message]], Completion, Record]:
         """One record's stages, in order: yields (stage, round, messages) for each model call and receives its
         completion; returns the record. Both drivers below run this, so the stages exist once."""
         c, convo = self.constitution, plan.item.messages
@@ -232,7 +241,7 @@ class Generator:
         first = count((yield "respond", 0, respond_messages(convo)))
         initial_flags = check_output(first, [plan.item.last_user])
         answer = first.text
-        rounds: list[dict] = []
+        rounds: list[Round] = []
         for r, pid in enumerate(plan.principles, start=1):
             pr = c.principle(pid)
             cr = count((yield "critique", r, critique_messages(c, convo, answer, pr)))
@@ -240,14 +249,14 @@ class Generator:
             # critique problems are kept on the round, prefixed; the revision's own flags reach the record
             flags = ["critique_" + f for f in check_output(cr, [pr.critique])]
             flags += check_output(rv, [pr.revision, pr.critique, cr.text, plan.item.last_user], previous=answer)
-            rounds.append({"principle": pr.id, "principle_sha256": pr.sha256, "critique": cr.text,
-                           "revision": rv.text, "flags": flags})
+            rounds.append(Round(principle=pr.id, principle_sha256=pr.sha256, critique=cr.text, revision=rv.text,
+                                flags=flags))
             answer = rv.text
         return self._record(plan, first.text, initial_flags, rounds, usage)
 
     def run_batch(self, plans: list[Plan], on_stage: Callable[[StageEvent], None] | None = None,
                   on_error: Callable[[Plan, str, int, str], None] | None = None,
-                  cache: StageCache | None = None) -> list[dict]:
+                  cache: StageCache | None = None) -> list[Record]:
         """Generate the records of a batch of prompts in lockstep: each stage is one backend call over the rows of
         the batch that ``cache`` cannot answer. A prompt whose request failed for good at some stage
         (``Completion.error``) is dropped from the later stages and reported through ``on_error(plan, stage,
@@ -256,7 +265,7 @@ class Generator:
         batch_seed = int(hashlib.sha256((str(s.seed) + "".join(p.key for p in plans)).encode()).hexdigest()[:8], 16)
         chains = {i: self._chain(p) for i, p in enumerate(plans)}
         asks = {i: next(g) for i, g in chains.items()}
-        records: dict[int, dict] = {}
+        records: dict[int, Record] = {}
         while asks:
             stage, rnd, _ = next(iter(asks.values()))    # every chain has the same stages: they move together
             t0 = time.perf_counter()
@@ -289,7 +298,7 @@ class Generator:
                     records[i] = done.value
         return [records[i] for i in sorted(records)]
 
-    def run_stream(self, plans: list[Plan], on_records: Callable[[list[dict]], None], *, window: int,
+    def run_stream(self, plans: list[Plan], on_records: Callable[[list[Record]], None], *, window: int,
                    on_stage: Callable[[StageEvent], None] | None = None,
                    on_error: Callable[[Plan, str, int, str], None] | None = None,
                    cache: StageCache | None = None) -> None:
@@ -309,7 +318,7 @@ class Generator:
         import asyncio
 
         s, backend = self.sampling, self.backend
-        pending_records: list[dict] = []
+        pending_records: list[Record] = []
         pending_cache: list[tuple[str, str, Completion]] = []
         flush_every = max(1, min(32, window // 4))
 
@@ -404,14 +413,15 @@ class Generator:
                           int(answer is None) + int(critique is None))
         return Estimate(calls, cached, prompt_tokens, calls * assumed)
 
-    def _record(self, plan: Plan, initial: str, initial_flags: list[str], rounds: list[dict], usage: dict) -> dict:
+    def _record(self, plan: Plan, initial: str, initial_flags: list[str], rounds: list[Round],
+                usage: dict) -> Record:
         c = self.constitution
         # record-level flags: problems in the texts that become training data (the initial answer, each revision)
         flags: list[str] = []
-        for f in initial_flags + [f for r in rounds for f in r["flags"] if not f.startswith("critique_")]:
+        for f in initial_flags + [f for r in rounds for f in r.flags if not f.startswith("critique_")]:
             if f not in flags:
                 flags.append(f)
-        return {
+        return Record.model_validate({
             "id": plan.key,
             "prompt_id": plan.item.id,
             "category": plan.item.category,
@@ -419,7 +429,7 @@ class Generator:
             "initial": initial,
             "initial_flags": initial_flags,
             "rounds": rounds,
-            "final": rounds[-1]["revision"] if rounds else initial,
+            "final": rounds[-1].revision if rounds else initial,
             "flags": flags,
             "usage": usage,
             "provenance": {
@@ -436,4 +446,4 @@ class Generator:
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "cai_version": __version__,
             },
-        }
+        })

@@ -21,9 +21,10 @@ from cai import __version__
 from cai.backends.base import Backend
 from cai.core.constitution import Constitution
 from cai.core.errors import ContextLengthError, RunFolderError, display_path
-from cai.generate.generator import Generator, MemoryStageCache, Plan, StageEvent
-from cai.core.prompt_files import PromptItem
 from cai.core.files import read_jsonl, write_json_atomic
+from cai.core.prompt_files import PromptItem
+from cai.core.record import Record
+from cai.generate.generator import Generator, MemoryStageCache, Plan, StageEvent
 from cai.generate.store import open_store, read_stage_cache
 
 RUN_FILE = "run.json"
@@ -233,16 +234,16 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
             store.append_error({"prompt_id": plan.item.id, "key": plan.key, "stage": stage, "round": rnd,
                                 "reason": "request_failed", "message": message, "at": _now()})
 
-        def on_records(records: list[dict]) -> None:
+        def on_records(records: list[Record]) -> None:
             summary.written += store.append(records)
             for r in records:
-                if r["prompt_id"] in superseded_prompts:
+                if r.prompt_id in superseded_prompts:
                     summary.regenerated += 1
                 else:
                     summary.new += 1
-                if r["flags"]:
+                if r.flags:
                     summary.flagged += 1
-                for f in r["flags"]:
+                for f in r.flags:
                     summary.flag_counts[f] = summary.flag_counts.get(f, 0) + 1
 
         gen.run_stream(todo, on_records, window=batch_size, on_stage=on_stage, on_error=on_error, cache=store)

@@ -25,7 +25,15 @@ from typing import Iterator
 
 from cai.backends.base import Completion
 from cai.core.errors import RunFolderError, display_path
-from cai.core.files import append_lines, folder_lock, fsync_dir, json_line, read_jsonl, repair_tail
+from cai.core.files import (
+    append_lines,
+    folder_lock,
+    fsync_dir,
+    json_line,
+    read_jsonl,
+    repair_tail,
+)
+from cai.core.record import Record
 
 
 @dataclass
@@ -41,9 +49,9 @@ class OpenStore:
     def records_path(self) -> Path:
         return self.root / "records.jsonl"
 
-    def append(self, records: list[dict]) -> int:
+    def append(self, records: list[Record]) -> int:
         """Append records whose id is new, as one write, then fsync. Returns how many were written."""
-        fresh = [r for r in records if r["id"] not in self.records]
+        fresh = [r.to_json() for r in records if r.id not in self.records]
         if not fresh:
             return 0
         append_lines(self.records_path, fresh)

@@ -188,14 +188,14 @@ def test_run_generate_end_to_end(backend, tmp_path):
     from cai.core.record import read_records
 
     recs = read_records(out)
-    assert {r.provenance["backend"] for r in recs} == {"local"}
+    assert {r.provenance.backend for r in recs} == {"local"}
     assert all(r.usage["completion_tokens"] > 0 for r in recs)
     from cai.core.record import FLAGS
 
     for r in recs:
         assert set(r.flags) <= set(FLAGS)
         assert r.final == r.rounds[0].revision
-        assert r.provenance["sampling"]["temperature"] == 0.0
+        assert r.provenance.sampling["temperature"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def helpful_records(n: int, prefix: str = "h") -> list[Record]:
     gen = Generator(c, FakeBackend(), rounds=0, sampling=SAMPLING)
     rows = [{"id": f"{prefix}{i:03d}", "prompt": f"Helpful question number {i}: how do I bake bread {i}?"}
             for i in range(n)]
-    return [Record.model_validate(r) for r in gen.run_batch(gen.plan(items_from(rows)))]
+    return gen.run_batch(gen.plan(items_from(rows)))
 
 
 def load_constitution_text(text: str):
@@ -460,7 +460,7 @@ def test_card_lists_the_real_sha256_of_every_file(clean_run, tmp_path):
         assert hashlib.sha256((run / "data" / name).read_bytes()).hexdigest() == sha
     assert on_disk["sha256"] == card.sha256 and len(card.sha256) == 64
     assert on_disk["records"] == 24
-    assert on_disk["constitution"] == [{k: r.provenance["constitution"][k] for k in ("name", "version", "sha256")}
+    assert on_disk["constitution"] == [{k: getattr(r.provenance.constitution, k) for k in ("name", "version", "sha256")}
                                        for r in read_records(run)[:1]]
     check_files(run, on_disk)            # matches as written
 

@@ -194,8 +194,8 @@ def test_one_backend_call_per_stage_per_batch(tmp_path):
         assert r.final == r.rounds[-1].revision
         assert r.initial and r.rounds[0].critique and r.rounds[0].revision
         assert r.rounds[0].principle != r.rounds[1].principle
-        assert r.provenance["rounds"] == 2
-        assert set(r.provenance["principle_sha256"]) == {rd.principle for rd in r.rounds}
+        assert r.provenance.rounds == 2
+        assert set(r.provenance.principle_sha256) == {rd.principle for rd in r.rounds}
 
 
 def test_run_batch_records_match_the_schema_and_the_plan():
@@ -204,13 +204,13 @@ def test_run_batch_records_match_the_schema_and_the_plan():
     plans = gen.plan(items_from(prompt_rows(3)))
     records = gen.run_batch(plans)
     for plan, rec in zip(plans, records):
-        Record.model_validate(rec)
-        assert rec["id"] == plan.key
-        assert rec["prompt_id"] == plan.item.id
-        assert tuple(r["principle"] for r in rec["rounds"]) == plan.principles
-        assert rec["provenance"]["constitution"] == {"name": c.name, "version": c.version, "sha256": c.sha256}
-        assert rec["provenance"]["seed"] == 5
-        assert rec["usage"]["completion_tokens"] > 0 and rec["usage"]["prompt_tokens"] > 0
+        Record.model_validate(rec.to_json())
+        assert rec.id == plan.key
+        assert rec.prompt_id == plan.item.id
+        assert tuple(r.principle for r in rec.rounds) == plan.principles
+        assert rec.provenance.constitution.model_dump() == {"name": c.name, "version": c.version, "sha256": c.sha256}
+        assert rec.provenance.seed == 5
+        assert rec.usage["completion_tokens"] > 0 and rec.usage["prompt_tokens"] > 0
 
 
 def test_each_round_revises_the_previous_revision():
@@ -225,9 +225,9 @@ def test_each_round_revises_the_previous_revision():
     gen = Generator(make_constitution(4), Spy(), rounds=2)
     rec = gen.run_batch(gen.plan(items_from(prompt_rows(1))))[0]
     respond, crit1, rev1, crit2, rev2 = (b[0] for b in seen)
-    assert crit1[-2] == {"role": "assistant", "content": rec["initial"]}
-    assert crit2[-2] == {"role": "assistant", "content": rec["rounds"][0]["revision"]}
-    assert rev2[-2] == {"role": "assistant", "content": rec["rounds"][1]["critique"]}
+    assert crit1[-2] == {"role": "assistant", "content": rec.initial}
+    assert crit2[-2] == {"role": "assistant", "content": rec.rounds[0].revision}
+    assert rev2[-2] == {"role": "assistant", "content": rec.rounds[1].critique}
 
 
 def test_generator_rejects_negative_rounds():
@@ -241,7 +241,7 @@ def test_zero_rounds_answers_only():
     gen = Generator(make_constitution(2), backend, rounds=0)
     plans = gen.plan(items_from([{"id": "h1", "prompt": "How do tides work?"}]))
     [rec] = gen.run_batch(plans)
-    assert rec["rounds"] == [] and rec["final"] == rec["initial"] and rec["initial"]
+    assert rec.rounds == [] and rec.final == rec.initial and rec.initial
     assert backend.calls == 1
 
 

@@ -53,7 +53,7 @@ def test_a_slow_answer_does_not_hold_back_the_other_records():
     backend = AsyncFake(slow={"number 0 ": 0.5})
     gen = Generator(make_constitution(4), backend, rounds=2, sampling=Sampling(max_new_tokens=16))
     batches: list[list[str]] = []
-    gen.run_stream(_plans(gen, 4), lambda recs: batches.append([r["prompt_id"] for r in recs]), window=4)
+    gen.run_stream(_plans(gen, 4), lambda recs: batches.append([r.prompt_id for r in recs]), window=4)
     finished = [pid for b in batches for pid in b]
     assert sorted(finished) == ["q000", "q001", "q002", "q003"]
     assert finished[-1] == "q000"                      # the slow one finished last ...
@@ -66,7 +66,7 @@ def test_records_do_not_depend_on_the_window():
     def run(window: int) -> dict[str, dict]:
         gen = Generator(make_constitution(4), AsyncFake(), rounds=2, sampling=Sampling(max_new_tokens=16, seed=3))
         out: dict[str, dict] = {}
-        gen.run_stream(_plans(gen, 9), lambda recs: out.update((r["prompt_id"], r) for r in recs), window=window)
+        gen.run_stream(_plans(gen, 9), lambda recs: out.update((r.prompt_id, r.to_json()) for r in recs), window=window)
         return out
 
     one, four = run(1), run(4)
@@ -78,11 +78,12 @@ def test_the_async_and_lockstep_drivers_write_the_same_record_shape():
     c, s = make_constitution(4), Sampling(max_new_tokens=16)
     lock = Generator(c, FakeBackend(), rounds=2, sampling=s).run_batch(_plans(Generator(c, FakeBackend(), rounds=2,
                                                                                       sampling=s), 3))
-    got: list[dict] = []
+    got: list = []
     gen = Generator(c, AsyncFake(), rounds=2, sampling=s)
     gen.run_stream(_plans(gen, 3), got.extend, window=3)
-    assert {r["id"] for r in got} == {r["id"] for r in lock}          # same keys
-    for a, b in zip(sorted(got, key=lambda r: r["id"]), sorted(lock, key=lambda r: r["id"])):
+    assert {r.id for r in got} == {r.id for r in lock}          # same keys
+    for ra, rb in zip(sorted(got, key=lambda r: r.id), sorted(lock, key=lambda r: r.id)):
+        a, b = ra.to_json(), rb.to_json()
         assert a.keys() == b.keys() and [rd["principle"] for rd in a["rounds"]] == [rd["principle"]
                                                                                   for rd in b["rounds"]]
         assert a["usage"]["completion_tokens"] > 0
@@ -92,7 +93,7 @@ def test_a_stopped_run_keeps_its_finished_records_and_stages():
     backend = AsyncFake(fail_after=14)                 # 3 records x 5 stages would be 15 calls
     gen = Generator(make_constitution(4), backend, rounds=2, sampling=Sampling(max_new_tokens=16))
     cache = MemoryStageCache()
-    got: list[dict] = []
+    got: list = []
     with pytest.raises(RuntimeError, match="stopped"):
         gen.run_stream(_plans(gen, 3), got.extend, window=1, cache=cache)
     assert len(got) == 2                               # the two finished records were handed over
@@ -108,7 +109,7 @@ def test_a_failed_request_drops_only_its_record():
 
     gen = Generator(make_constitution(4), FailsOne(), rounds=1, sampling=Sampling(max_new_tokens=16))
     errors: list[tuple] = []
-    got: list[dict] = []
+    got: list = []
     gen.run_stream(_plans(gen, 3), got.extend, window=3, on_error=lambda p, st, r, m: errors.append((p.item.id, st, m)))
-    assert sorted(r["prompt_id"] for r in got) == ["q000", "q002"]
+    assert sorted(r.prompt_id for r in got) == ["q000", "q002"]
     assert errors == [("q001", "respond", "HTTP 500")]

@@ -12,7 +12,7 @@ from cai.backends.fake import FakeBackend
 from cai.core.errors import ContextLengthError, RunFolderError
 from cai.generate.runner import run_generate
 from cai.core.files import read_jsonl
-from cai.core.record import read_records
+from cai.core.record import Record, read_records
 from cai.generate.store import open_store
 from conftest import items_from, make_constitution, prompt_rows
 
@@ -275,16 +275,22 @@ def test_second_open_store_is_refused(tmp_path):
         assert store.records == {}
 
 
+def _record(key: str, prompt_id: str) -> Record:
+    return Record(id=key, prompt_id=prompt_id, messages=[{"role": "user", "content": "hi"}], initial="a", rounds=[],
+                  final="a", flags=[], usage={"prompt_tokens": 1, "completion_tokens": 1},
+                  provenance={"constitution": {"name": "c", "sha256": "0"}, "model": "m", "backend": "fake"})
+
+
 def test_append_never_writes_a_known_id_twice(tmp_path):
     out = tmp_path / "run"
     with open_store(out) as store:
-        rec = {"id": "k1", "prompt_id": "p"}
+        rec = _record("k1", "p")
         assert store.append([rec]) == 1
-        assert store.append([rec, {"id": "k2", "prompt_id": "q"}]) == 1
+        assert store.append([rec, _record("k2", "q")]) == 1
     assert [r["id"] for r in lines(out / "records.jsonl")] == ["k1", "k2"]
     with open_store(out) as store:
         assert set(store.records) == {"k1", "k2"}
-        assert store.append([{"id": "k1", "prompt_id": "p"}]) == 0
+        assert store.append([_record("k1", "p")]) == 0
 
 
 def test_batch_size_must_be_positive(tmp_path):

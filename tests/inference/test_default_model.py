@@ -50,9 +50,9 @@ def test_default_model_generates_records(default_backend, tmp_path):
         assert r.initial.strip()
         assert r.final.strip()
         assert r.rounds[0].critique.strip()
-        assert r.provenance["model"] == DEFAULT_MODEL_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
-        assert r.provenance["backend"] == "local"
-        assert r.provenance["constitution"]["sha256"] == constitution.sha256
+        assert r.provenance.model == DEFAULT_MODEL_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert r.provenance.backend == "local"
+        assert r.provenance.constitution.sha256 == constitution.sha256
         assert r.usage["completion_tokens"] > 0
     # greedy on the same machine: a second run into a fresh folder makes the same texts
     again = run_generate(constitution=constitution, items=items, backend=default_backend, out=tmp_path / "again",

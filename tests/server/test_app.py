@@ -677,7 +677,7 @@ def _local_record(files, messages, principle: str, response: str | None = None):
         cache.put([(stage_key(backend, sampling, respond_messages(messages)), "respond",
                     Completion(response, 0, 0, "stop"))])
     plan = Plan(item, (principle,), record_key(item, c, (principle,), backend, sampling))
-    return gen.run_batch([plan], cache=cache)[0]
+    return gen.run_batch([plan], cache=cache)[0].to_json()
 
 
 def test_revise_returns_the_record_the_library_writes(client, files):

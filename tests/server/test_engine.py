@@ -561,11 +561,11 @@ def test_engine_backend_drives_the_critique_pipeline(make_engine):
     backend = EngineBackend(e)
     gen = Generator(make_constitution(3), backend, rounds=1, sampling=Sampling(temperature=0.0, max_new_tokens=8))
     records = gen.run_batch(gen.plan(items_from(prompt_rows(3))))
-    assert [r["prompt_id"] for r in records] == ["q000", "q001", "q002"]
+    assert [r.prompt_id for r in records] == ["q000", "q001", "q002"]
     for r in records:
-        assert len(r["rounds"]) == 1
-        assert r["provenance"]["backend"] == "server" and r["provenance"]["model"] == e.model_id
-        assert r["usage"]["completion_tokens"] > 0
+        assert len(r.rounds) == 1
+        assert r.provenance.backend == "server" and r.provenance.model == e.model_id
+        assert r.usage["completion_tokens"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

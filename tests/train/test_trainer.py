@@ -299,7 +299,7 @@ def test_sft_trains_a_4bit_lora_adapter_and_writes_its_manifest(sft_run, base_ru
     assert manifest["dataset"]["sha256"] == card["sha256"] == json.loads(
         (base_run / "data" / "card.json").read_text())["sha256"]
     recs = read_records(run)
-    assert {c["sha256"] for c in manifest["constitution"]} == {r.provenance["constitution"]["sha256"] for r in recs}
+    assert {c["sha256"] for c in manifest["constitution"]} == {r.provenance.constitution.sha256 for r in recs}
     assert manifest["base_model"]["path"] == str(tiny_model_dir)
     assert manifest["base_model"]["id"] == str(Path(tiny_model_dir).resolve())
     for pkg in ("torch", "transformers", "trl", "peft", "bitsandbytes"):
