@@ -1,1 +1,97 @@
+"""The one place that finds the shipped files (constitution, prompt sets, training recipes) from any directory.
 
+People edit the top-level ``constitution/`` and ``data/prompts/`` folders of the repository. A wheel carries copies of
+them inside this package (``cai/resources/constitution/``, ``cai/resources/prompts/``), put there at build time by the
+``build_py`` hook in ``setup.py``, so git holds one copy only. Lookup order: inside the package first (an installed
+wheel), then the repository the package sits in (a source checkout or editable install). The training recipes live
+in ``cai/resources/recipes/`` in both cases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cai.core.errors import ConstitutionError
+
+DEFAULT_CONSTITUTION = "default"
+RED_TEAM = "red_team"
+HELPFUL = "helpful"
+
+_PACKAGE = Path(__file__).resolve().parent
+_REPO = _PACKAGE.parents[1]
+
+# Where each kind of shipped file is: inside the package (wheel), then in the repository (source checkout).
+_CONSTITUTION_DIRS = (_PACKAGE / "constitution", _REPO / "constitution")
+_PROMPT_DIRS = (_PACKAGE / "prompts", _REPO / "data" / "prompts")
+_RECIPE_DIR = _PACKAGE / "recipes"
+
+_CONSTITUTION_SUFFIX = ".yaml"
+_PROMPTS_SUFFIX = ".jsonl"
+
+
+def _shipped(dirs: tuple[Path, ...], suffix: str) -> dict[str, Path]:
+    """Shipped names (file stem) → path; the first folder that has a name wins."""
+    found: dict[str, Path] = {}
+    for folder in dirs:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob(f"*{suffix}")):
+            if path.is_file():
+                found.setdefault(path.stem, path)
+    return found
+
+
+def _name(spec: str, suffix: str, repo_folder: str) -> str:
+    """The shipped name ``spec`` may mean: ``default``, ``default.yaml``, or the repository-relative path the docs
+    and older defaults use (``constitution/default.yaml``), so those keep working from any directory."""
+    spec = spec.replace("\\", "/")
+    if spec.startswith(repo_folder + "/") and spec.count("/") == repo_folder.count("/") + 1:
+        spec = spec[len(repo_folder) + 1 :]
+    return spec[: -len(suffix)] if spec.endswith(suffix) else spec
+
+
+def shipped_constitutions() -> list[str]:
+    """Names of the shipped constitutions (``default``, …), sorted."""
+    return sorted(_shipped(_CONSTITUTION_DIRS, _CONSTITUTION_SUFFIX))
+
+
+def shipped_prompt_sets() -> list[str]:
+    """Names of the shipped prompt sets (``helpful``, ``red_team``), sorted."""
+    return sorted(_shipped(_PROMPT_DIRS, _PROMPTS_SUFFIX))
+
+
+def constitution_path(spec: str | Path) -> Path:
+    """An existing file as is; else a shipped constitution by name (``default``, ``default.yaml`` or
+    ``constitution/default.yaml``).
+
+    Raises ``ConstitutionError`` naming ``spec`` and the shipped names when it is neither.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = _shipped(_CONSTITUTION_DIRS, _CONSTITUTION_SUFFIX)
+    name = _name(str(spec), _CONSTITUTION_SUFFIX, "constitution")
+    if name in shipped:
+        return shipped[name]
+    names = ", ".join(sorted(shipped)) or "none found"
+    raise ConstitutionError(f"constitution not found: {spec} (not a file, nor a shipped constitution: {names})")
+
+
+def prompts_path(spec: str | Path) -> str:
+    """An existing path as is; a shipped prompt set by name (``red_team``, ``helpful``, with or without ``.jsonl``,
+    or as ``data/prompts/red_team.jsonl``) → its path; anything else unchanged (maybe a Hugging Face dataset name)."""
+    if Path(spec).exists():
+        return str(spec)
+    shipped = _shipped(_PROMPT_DIRS, _PROMPTS_SUFFIX)
+    name = _name(str(spec), _PROMPTS_SUFFIX, "data/prompts")
+    if name in shipped:
+        return str(shipped[name])
+    return str(spec)
+
+
+def recipe_path(stage: str) -> Path:
+    """The shipped training recipe of a stage (``sft``, ``dpo``): ``cai/resources/recipes/<stage>.yaml``.
+
+    The path is returned even when no such file exists; the caller says which stages there are.
+    """
+    return _RECIPE_DIR / f"{stage}.yaml"
