@@ -805,5 +805,5 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+
