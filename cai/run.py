@@ -14,6 +14,7 @@ Layout::
     RUN/stages.jsonl        the model-call cache (cai.generate.store)
     RUN/errors.jsonl        requests that failed, prompts left out
     RUN/data/               training rows and their card (cai.data)
+    RUN/helpful/            helpfulness answers mixed into SFT (a run folder of its own)
     RUN/adapters/<stage>/   a trained adapter and its manifest.json (cai.train)
     RUN/eval/               answers, judgements, report.json, report.html (cai.evaluation)
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +39,7 @@ ERRORS = "errors.jsonl"
 PREFERENCES = "preferences.jsonl"
 REVIEWS = "reviews.jsonl"
 DATA_DIR = "data"
+HELPFUL_DIR = "helpful"
 ADAPTERS_DIR = "adapters"
 MANIFEST = "manifest.json"
 EVAL_DIR = "eval"
@@ -52,7 +53,7 @@ class ConstitutionRef(BaseModel):
     name: str
     version: str | None = None
     sha256: str | None = None
-    path: str | None = None       # the file, relative to the run folder (absolute in folders of older versions)
+    path: str | None = None       # the file (absolute: it lies outside the run folder)
 
 
 class RunInfo(BaseModel):
@@ -64,7 +65,7 @@ class RunInfo(BaseModel):
     model: str                               # the model id as the backend reports it
     model_source: str | None = None          # the model as the user named it (``default``, a folder, a hub id)
     model_revision: str | None = None
-    prompts: str | None = None               # the prompt file (relative to the run folder) or a hub dataset name
+    prompts: str | None = None               # the prompt file (absolute) or a hub dataset name
     backend: str = "local"
     base_urls: list[str] | None = None       # the endpoints of an openai-backend run
     rounds: int = 1
@@ -126,6 +127,11 @@ class RunFolder:
         return self.root / DATA_DIR
 
     @property
+    def helpful_dir(self) -> Path:
+        """The helpfulness answers mixed into SFT (a run folder of its own)."""
+        return self.root / HELPFUL_DIR
+
+    @property
     def adapters_dir(self) -> Path:
         return self.root / ADAPTERS_DIR
 
@@ -160,8 +166,7 @@ class RunFolder:
     def read_info(self) -> RunInfo:
         """Read and check ``run.json``. Every way it can be wrong is a :class:`RunFolderError` naming the file."""
         if not self.root.is_dir():
-            what = "does not exist" if not self.root.exists() else "is not a folder"
-            raise RunFolderError(f"{self.shown()} {what}", hint="Pass the --out folder of `cai generate`.")
+            raise RunFolderError(f"{self.shown()} is not a folder", hint="Pass the --out folder of `cai generate`.")
         try:
             text = self.run_file.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -172,14 +177,15 @@ class RunFolder:
         try:
             obj = json.loads(text)
         except ValueError as e:
-            raise RunFolderError(f"{self.shown(self.run_file)}:{getattr(e, 'lineno', '?')}: not JSON ({e})",
+            raise RunFolderError(f"{self.shown(self.run_file)} is unreadable: line {getattr(e, 'lineno', '?')} is "
+                                 f"not JSON ({e})",
                                  hint="Fix or delete it, or choose another folder.") from None
         try:
             return RunInfo.model_validate(obj)
         except ValidationError as e:
             first = e.errors()[0]
             field = ".".join(str(x) for x in first["loc"]) or "(top level)"
-            raise RunFolderError(f"{self.shown(self.run_file)}: field {field}: {first['msg']}",
+            raise RunFolderError(f"{self.shown(self.run_file)} is unreadable: field {field}: {first['msg']}",
                                  hint="This run.json was not written by cai generate; fix or delete it.") from None
 
     def write_info(self, info: RunInfo) -> None:
@@ -207,13 +213,15 @@ class RunFolder:
 
     # -- paths stored in files --------------------------------------------------------------------------------
     def rel(self, path: str | Path | None) -> str | None:
-        """``path`` as stored in this folder's files: relative to the run folder (with ``..`` if outside it)."""
+        """``path`` as stored in this folder's files: relative to the run folder when it lies inside it (so the folder
+        can be moved, archived and served from anywhere), absolute when it lies outside (a constitution or prompt
+        file elsewhere, which moving the run folder does not move)."""
         if path is None:
             return None
         p = Path(path).resolve()
         try:
-            return os.path.relpath(p, self.root.resolve())
-        except ValueError:       # another drive (Windows): keep it absolute
+            return p.relative_to(self.root.resolve()).as_posix() or "."
+        except ValueError:
             return str(p)
 
     def resolve(self, stored: str | None) -> Path | None:

@@ -22,11 +22,9 @@ exemplars are shown there.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from typing_extensions import TypedDict
 
+from cai.core.hashing import content_digest
 from cai.core.constitution import Constitution, Exemplar, Principle
 
 # Bump when the layout above changes: it is part of every record's key, so old records are not passed off as new.
@@ -94,4 +92,4 @@ def frame_sha256(constitution: Constitution) -> str:
              "exemplars": [e.canonical() for e in constitution.exemplars]}
     if shown:
         frame["exemplar_requests"] = {pid: [p.critique, p.revision] for pid, p in sorted(shown.items())}
-    return hashlib.sha256(json.dumps(frame, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return content_digest(frame)

@@ -28,7 +28,6 @@ exactly). No prompt is in both splits, and the split of a prompt does not change
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -37,12 +36,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cai import __version__
-from cai.core.errors import DataError, RunFolderError, display_path
+from cai.core.errors import DataError, display_path
 from cai.core.files import write_bytes_atomic, write_json_atomic
+from cai.core.hashing import content_digest, file_sha256, seeded_order, sha256_hex
 from cai.core.record import FLAGS, Record, read_records
+from cai.run import DATA_DIR, RunFolder
 
-DATA_DIR = "data"
-HELPFUL_DIR = "helpful"
 FILES = ("sft_train", "sft_test", "dpo_train", "dpo_test")
 
 
@@ -140,24 +139,20 @@ def dpo_row(record: Record, allow: set[str]) -> tuple[dict | None, str | None]:
     return {"prompt": _conversation(record), "chosen": [_assistant(record.final)], "rejected": [_assistant(record.initial)]}, None
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 def _group(row: dict) -> str:
     """The prompt a row belongs to (its conversation before the answer), for the split."""
-    return _digest(row["prompt"])
+    return content_digest(row["prompt"])
 
 
 def split_groups(groups: list[str], test_size: float, seed: int) -> set[str]:
     """The groups that go to test: those whose seeded hash falls below ``test_size`` of the hash range, so a prompt's
     split depends on that prompt alone (adding prompts never moves another). When that picks none of two or more
     groups, the lowest hash goes to test; when it picks all, the highest stays in train."""
-    unique = sorted(set(groups), key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    unique = sorted(set(groups), key=lambda g: seeded_order(seed, g))
     if test_size <= 0 or len(unique) < 2:
         return set()
     cut = test_size * 2 ** 256
-    test = {g for g in unique if int(hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), 16) < cut}
+    test = {g for g in unique if int(seeded_order(seed, g), 16) < cut}
     if not test:
         test = {unique[0]}
     if len(test) == len(unique):
@@ -168,7 +163,7 @@ def split_groups(groups: list[str], test_size: float, seed: int) -> set[str]:
 def _dedup(rows: list[dict]) -> tuple[list[dict], int]:
     seen, out = set(), []
     for row in rows:
-        d = _digest(row)
+        d = content_digest(row)
         if d not in seen:
             seen.add(d)
             out.append(row)
@@ -179,27 +174,14 @@ def _dedup(rows: list[dict]) -> tuple[list[dict], int]:
 # Building
 
 
-def read_run_info(run: Path) -> dict:
-    """A run folder's run.json (checked to be a run folder)."""
-    if not run.is_dir():
-        raise RunFolderError(f"{display_path(run)} is not a folder", hint="Pass the run folder `cai generate` wrote.")
-    try:
-        info = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunFolderError(f"{display_path(run)} is not a cai run folder (no run.json)",
-                             hint="Pass the --out folder of `cai generate`.") from None
-    except ValueError:
-        raise RunFolderError(f"{display_path(run / 'run.json')} is unreadable") from None
-    return info
-
-
-def read_run(run: Path) -> tuple[dict, list[Record]]:
-    info = read_run_info(run)
-    records = read_records(run)
+def read_run(run: str | Path | RunFolder) -> tuple[RunFolder, list[Record]]:
+    """The run folder (checked to be one) and its records (at least one)."""
+    folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
+    records = read_records(folder.records)
     if not records:
-        raise DataError(f"{display_path(run)} has no records (records.jsonl is missing or empty)",
-                        hint="Run `cai generate --out " + display_path(run) + " ...` first.")
-    return info, records
+        raise DataError(f"{folder.shown()} has no records (records.jsonl is missing or empty)",
+                        hint="Run `cai generate --out " + folder.shown() + " ...` first.")
+    return folder, records
 
 
 def helpful_needed(n_harmless: int, mix: float) -> int:
@@ -209,17 +191,16 @@ def helpful_needed(n_harmless: int, mix: float) -> int:
 HelpfulSource = Callable[[int], list[Record]]
 
 
-def build_datasets(run: str | Path, options: BuildOptions | None = None,
+def build_datasets(run: str | Path | RunFolder, options: BuildOptions | None = None,
                    helpful_source: HelpfulSource | None = None) -> Card:
     """Write ``run/data/`` from ``run/records.jsonl``. ``helpful_source(n)`` returns up to ``n`` helpfulness records
     (answers with no rounds); it is called only when ``options.helpful_mix`` > 0."""
-    run = Path(run)
     opts = options or BuildOptions()
     opts.check()
-    info, records = read_run(run)
+    folder, records = read_run(run)
     allow = set(opts.allow_flags)
 
-    card = Card(run=str(run), model=info.get("model"), options=asdict(opts),
+    card = Card(run=str(folder.root), model=folder.info.model, options=asdict(opts),
                 constitution=_constitutions(records), records=len(records))
     sft: list[dict] = []
     dpo: list[dict] = []
@@ -236,7 +217,7 @@ def build_datasets(run: str | Path, options: BuildOptions | None = None,
     if not sft and not dpo:
         flagged = sum(1 for r in records if r.flags)
         raise DataError(
-            f"none of the {len(records)} records in {display_path(run)} can be used: "
+            f"none of the {len(records)} records in {folder.shown()} can be used: "
             + (f"all {flagged} are flagged ({_flag_summary(records)})" if flagged == len(records)
                else "no usable revisions"),
             hint="Flagged records never train silently. Allow a flag on purpose with --allow-flag FLAG (e.g. "
@@ -272,12 +253,12 @@ def build_datasets(run: str | Path, options: BuildOptions | None = None,
     groups = {_group(r) for r in sft + dpo + helpful_rows}
     card.prompts = {"total": len(groups), "test": len(test_groups & groups)}
 
-    data = run / DATA_DIR
+    data = folder.data_dir
     data.mkdir(parents=True, exist_ok=True)
     for name, rows in out_rows.items():
         card.files[f"{name}.jsonl"] = _write_jsonl(data / f"{name}.jsonl", rows)
         card.counts[name] = len(rows)
-    card.sha256 = _digest(card.files)
+    card.sha256 = content_digest(card.files)
     card.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_json_atomic(data / "card.json", asdict(card))
     write_bytes_atomic(data / "README.md", render_card(card).encode("utf-8"))
@@ -300,7 +281,7 @@ def check_files(run: str | Path, card: dict) -> None:
     data = Path(run) / DATA_DIR
     for name, sha in card["files"].items():
         path = data / name
-        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+        if not path.exists() or file_sha256(path) != sha:
             raise DataError(f"{display_path(path)} does not match {display_path(data / 'card.json')}",
                             hint=f"It changed after `cai data build`; run `cai data build {display_path(run)}` "
                                  "again.")
@@ -326,7 +307,7 @@ def _flag_summary(records: list[Record]) -> str:
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     write_bytes_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return sha256_hex(data)
 
 
 def render_card(card: Card) -> str:
@@ -358,7 +339,11 @@ def render_card(card: Card) -> str:
 # Helpfulness answers
 
 
-def helpful_from_run(run: Path, info: dict, prompts: str, seed: int, make_backend: Callable[[str, str], Any],
+def read_run_info(run: str | Path) -> dict:   # TEMP(integration): until the CLI reads RunFolder
+    return RunFolder.open(run).info.model_dump(mode="json")
+
+
+def helpful_from_run(run: str | Path | RunFolder, prompts: Any, seed: Any, make_backend: Any, *rest: Any,
                      progress=None, batch_size: int = 16) -> HelpfulSource:
     """A ``HelpfulSource`` that answers ordinary prompts with the run's model and sampling settings into
     ``run/helpful/`` (rounds=0: the answer only). Prompts are taken in a seeded order; answers already in the
@@ -368,21 +353,25 @@ def helpful_from_run(run: Path, info: dict, prompts: str, seed: int, make_backen
     from cai.generate.runner import run_generate
     from cai.core.prompt_files import load_prompts
 
+    if isinstance(prompts, dict):   # TEMP(integration): the old (run, info, prompts, seed, make) call
+        prompts, seed, make_backend = seed, make_backend, rest[0]
+    folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
+
     def source(n: int) -> list[Record]:
         items = load_prompts(prompts).items
-        items.sort(key=lambda it: hashlib.sha256(f"{seed}:{it.id}".encode()).hexdigest())
+        items.sort(key=lambda it: seeded_order(seed, it.id))
         items = items[:n]
-        cpath = (info.get("constitution") or {}).get("path")
-        if not cpath or not Path(cpath).exists():
-            raise DataError(f"{display_path(run / 'run.json')} does not name a constitution file that exists "
-                            f"({cpath!r}); it is needed to answer the helpfulness prompts",
+        cpath = folder.constitution_file()
+        if cpath is None or not cpath.exists():
+            raise DataError(f"{folder.shown(folder.run_file)} does not name a constitution file that exists "
+                            f"({folder.info.constitution.path!r}); it is needed to answer the helpfulness prompts",
                             hint="Run `cai generate` for this folder again (it records the path), or build with "
                                  "--helpful-mix 0.")
         constitution = load_constitution(cpath)
-        kind = info.get("backend") or "local"
-        model = info.get("model_source") or info.get("model")
-        sampling = Sampling(**info["sampling"])
-        out = run / HELPFUL_DIR
+        kind = folder.info.backend or "local"
+        model = folder.model_source
+        sampling = Sampling(**folder.info.sampling)
+        out = folder.helpful_dir
         have = read_records(out) if (out / "records.jsonl").exists() else []
         wanted = {it.id for it in items}
         if not wanted <= {r.prompt_id for r in have}:

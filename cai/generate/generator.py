@@ -13,14 +13,9 @@ the cache; only that round and the rounds after it are generated again.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from difflib import SequenceMatcher
 from typing import Any, Callable, Coroutine, Protocol, runtime_checkable
 from typing import Generator as Gen
 
@@ -29,24 +24,10 @@ from cai.backends.base import Backend, Completion, Sampling
 from cai.core.constitution import Constitution
 from cai.core.errors import Issue
 from cai.core.prompt_files import PromptItem
-from cai.core.prompts import (
-    PROMPT_FORMAT,
-    Message,
-    critique_messages,
-    frame_sha256,
-    respond_messages,
-    revise_messages,
-)
+from cai.core.prompts import PROMPT_FORMAT, Message, critique_messages, frame_sha256, respond_messages, revise_messages
+from cai.generate.checks import check_output
+from cai.generate.planner import Plan, batch_seed, draw_principles, record_key, stage_key, stage_seed
 from cai.core.record import Record, Round
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What will be generated for one prompt, known before any model call: its principles and its key."""
-
-    item: PromptItem
-    principles: tuple[str, ...]   # principle id per round
-    key: str
 
 
 @dataclass(frozen=True)
@@ -100,84 +81,6 @@ class Estimate:
     cached: int
     prompt_tokens: int        # exact for a stage whose inputs are known; earlier outputs assumed ``assumed`` tokens
     completion_tokens: int    # ``assumed`` tokens per call
-
-
-def draw_principles(constitution: Constitution, prompt_id: str, seed: int, rounds: int) -> tuple[str, ...]:
-    """Seeded weighted draw of one principle per round, without replacement while unused principles remain.
-
-    The draw depends only on (seed, prompt id, the principle ids and weights): editing a principle's text never
-    changes which principle a prompt draws, so an edit touches only the records that drew that principle.
-    """
-    rng = random.Random(int.from_bytes(hashlib.sha256(f"{seed}\x00{prompt_id}".encode()).digest()[:8], "big"))
-    ids = constitution.ids
-    weights = {p.id: p.weight for p in constitution.principles}
-    chosen: list[str] = []
-    for r in range(rounds):
-        in_cycle = r % len(ids)              # after every principle was used once, a new cycle starts
-        used = set(chosen[r - in_cycle:])
-        pool = [i for i in ids if i not in used]
-        if in_cycle == 0 and chosen and len(ids) > 1:
-            pool = [i for i in ids if i != chosen[-1]]   # no principle twice in a row
-        chosen.append(rng.choices(pool, weights=[weights[i] for i in pool])[0])
-    return tuple(chosen)
-
-
-def record_key(item: PromptItem, constitution: Constitution, principles: tuple[str, ...], backend: Backend,
-               sampling: Sampling) -> str:
-    material = {
-        "prompt_id": item.id,
-        "messages": item.messages,
-        "principles": [constitution.principle(p).sha256 for p in principles],
-        "frame": frame_sha256(constitution),
-        "model": backend.model,
-        "model_revision": backend.model_revision,
-        "sampling": sampling.to_dict(),
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def stage_key(backend: Backend, sampling: Sampling, messages: list[Message]) -> str:
-    """What produced a stage's output: the model, the sampling settings (seed included) and the exact messages."""
-    material = {"model": backend.model, "model_revision": backend.model_revision, "sampling": sampling.to_dict(),
-                "messages": messages}
-    return hashlib.sha256(json.dumps(material, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Output checks
-
-
-def _norm(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
-
-
-def is_echo(answer: str, sources: list[str]) -> bool:
-    """True when the answer repeats one of the sources (the prompt, the request) rather than answering it."""
-    a = _norm(answer)
-    if not a:
-        return False
-    for source in sources:
-        s = _norm(source)
-        if not s:
-            continue
-        if a == s or (len(s) >= 24 and a.startswith(s)):
-            return True
-        if len(a) <= 2 * len(s) and SequenceMatcher(None, a, s, autojunk=False).ratio() >= 0.85:
-            return True
-    return False
-
-
-def check_output(completion: Completion, sources: list[str], previous: str | None = None) -> list[str]:
-    flags = []
-    if not completion.text.strip():
-        flags.append("empty")
-    elif is_echo(completion.text, sources):
-        flags.append("echo")
-    if completion.finish_reason == "length":
-        flags.append("truncated")
-    if previous is not None and completion.text.strip() and _norm(completion.text) == _norm(previous):
-        flags.append("unchanged")
-    return flags
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,7 +165,7 @@ class Generator:
         (``Completion.error``) is dropped from the later stages and reported through ``on_error(plan, stage,
         round, message)``; it has no record."""
         s = self.sampling
-        batch_seed = int(hashlib.sha256((str(s.seed) + "".join(p.key for p in plans)).encode()).hexdigest()[:8], 16)
+        bseed = batch_seed(s.seed, plans)
         chains = {i: self._chain(p) for i, p in enumerate(plans)}
         asks = {i: next(g) for i, g in chains.items()}
         records: dict[int, Record] = {}
@@ -275,7 +178,7 @@ class Generator:
             out: list[Completion] = []
             if send:
                 out = self.backend.generate([asks[i][2] for i in send], s,
-                                            seed=(batch_seed + 1000 * rnd + len(stage)) % (2 ** 31))
+                                            seed=(bseed + 1000 * rnd + len(stage)) % (2 ** 31))
                 if len(out) != len(send):
                     raise RuntimeError(f"backend returned {len(out)} completions for {len(send)} conversations")
                 results.update(zip(send, out))
@@ -339,7 +242,7 @@ class Generator:
                 comp = cache.get(key) if cache is not None else None
                 cached = comp is not None
                 if comp is None:
-                    seed = int(hashlib.sha256(f"{s.seed}:{plan.key}:{stage}:{rnd}".encode()).hexdigest()[:8], 16)
+                    seed = stage_seed(s.seed, plan, stage, rnd)
                     comp = await backend.acomplete(messages, s, seed % (2 ** 31))  # type: ignore[attr-defined]
                     if comp.error is None and cache is not None:
                         pending_cache.append((key, stage, comp))

@@ -10,7 +10,6 @@ changed. ``dry_run`` says what a run would do, calling nothing and writing nothi
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,13 +20,14 @@ from cai import __version__
 from cai.backends.base import Backend
 from cai.core.constitution import Constitution
 from cai.core.errors import ContextLengthError, RunFolderError, display_path
-from cai.core.files import read_jsonl, write_json_atomic
+from cai.run import RUN_FILE, ConstitutionRef, RunFolder, RunInfo
+from cai.core.files import read_jsonl
 from cai.core.prompt_files import PromptItem
 from cai.core.record import Record
-from cai.generate.generator import Generator, MemoryStageCache, Plan, StageEvent
+from cai.generate.generator import Generator, MemoryStageCache, StageEvent
+from cai.generate.planner import Plan
 from cai.generate.store import open_store, read_stage_cache
 
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -64,34 +64,33 @@ class Progress:
 
 
 def check_run_folder(out: Path, constitution: Constitution, backend: Backend,
-                     supersede_all: bool) -> tuple[dict | None, bool]:
+                     supersede_all: bool) -> tuple[RunInfo | None, bool]:
     """Read-only check that ``out`` may take this run's records. Returns the folder's run.json (if any) and whether
     it was made with another constitution or model (allowed only with ``supersede_all``)."""
-    run_file = out / RUN_FILE
+    folder = RunFolder(out)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {display_path(out)} exists and is not a folder")
-    if not run_file.exists():
-        if (out / "records.jsonl").exists():
+    if not folder.exists():
+        if folder.records.exists():
             raise RunFolderError(f"{display_path(out)} has records.jsonl but no {RUN_FILE}; not a cai run folder?",
                                  hint="Choose another --out folder.")
         return None, False
     try:
-        info = json.loads(run_file.read_text(encoding="utf-8"))
-        old_c, old_model = info["constitution"], info["model"]
-    except (ValueError, KeyError, TypeError):
-        raise RunFolderError(f"{display_path(run_file)} is unreadable",
-                             hint="Fix or delete it, or choose another --out folder.") from None
+        info = folder.read_info()
+    except RunFolderError as e:
+        raise RunFolderError(e.message, hint="Fix or delete it, or choose another --out folder.") from None
+    old_c, old_model = info.constitution, info.model
     problems = []
-    if old_c.get("name") != constitution.name:
-        problems.append(f"constitution {old_c.get('name')!r} (version {old_c.get('version')}, sha256 "
-                        f"{str(old_c.get('sha256'))[:12]}), not {constitution.name!r}")
+    if old_c.name != constitution.name:
+        problems.append(f"constitution {old_c.name!r} (version {old_c.version}, sha256 "
+                        f"{str(old_c.sha256)[:12]}), not {constitution.name!r}")
     if old_model != backend.model:
         problems.append(f"model {old_model!r}, not {backend.model!r}")
     if problems and not supersede_all:
         raise RunFolderError(
             f"{display_path(out)} holds records made with " + " and ".join(problems),
             hint="Choose another --out folder for this run, or pass --supersede to move the existing records to "
-                 f"{display_path(out / 'superseded.jsonl')} and generate afresh here.")
+                 f"{display_path(folder.superseded)} and generate afresh here.")
     return info, bool(problems)
 
 
@@ -119,7 +118,7 @@ class _Prepared:
     plans: list[Plan]
     long_issues: dict
     sizes: dict[str, int]
-    info: dict | None
+    info: RunInfo | None
     identity_changed: bool
 
 
@@ -255,32 +254,26 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _source_path(spec: str | None) -> str | None:
-    """A prompt file as an absolute path (so it is found from anywhere); a hub dataset name as given."""
-    if not spec:
-        return None
-    return str(Path(spec).resolve()) if Path(spec).exists() else spec
-
-
-def _write_run_file(out: Path, info: dict | None, c: Constitution, backend: Backend, gen: Generator,
+def _write_run_file(out: Path, info: RunInfo | None, c: Constitution, backend: Backend, gen: Generator,
                     model_source: str | None, constitution_path: str | Path | None,
                     prompts_source: str | None = None) -> None:
-    run = {
-        "constitution": {"name": c.name, "version": c.version, "sha256": c.sha256,
-                         "path": str(Path(constitution_path).resolve()) if constitution_path
-                         else (info or {}).get("constitution", {}).get("path")},
-        "model": backend.model,
-        "model_source": model_source or (info or {}).get("model_source"),
-        "model_revision": backend.model_revision,
+    folder = RunFolder(out)
+    prompts = folder.rel(prompts_source) if prompts_source and Path(prompts_source).exists() else prompts_source
+    folder.write_info(RunInfo(
+        constitution=ConstitutionRef(name=c.name, version=c.version, sha256=c.sha256,
+                                     path=folder.rel(constitution_path) if constitution_path
+                                     else (info.constitution.path if info else None)),
+        model=backend.model,
+        model_source=model_source or (info.model_source if info else None),
+        model_revision=backend.model_revision,
         # the prompt file (or hub dataset) the records came from: `cai eval` holds out what was never trained on
-        "prompts": _source_path(prompts_source) or (info or {}).get("prompts"),
-        "backend": backend.name,
+        prompts=prompts or (info.prompts if info else None),
+        backend=backend.name,
         # the endpoints of an openai-backend run, so `cai data build --helpful-mix` can answer with the same ones
-        "base_urls": list(getattr(backend, "base_urls", None) or []) or None,
-        "rounds": gen.rounds,
-        "sampling": gen.sampling.to_dict(),
-        "created_at": (info or {}).get("created_at") or _now(),
-        "updated_at": _now(),
-        "cai_version": __version__,
-    }
-    write_json_atomic(out / RUN_FILE, run)
+        base_urls=list(getattr(backend, "base_urls", None) or []) or None,
+        rounds=gen.rounds,
+        sampling=gen.sampling.to_dict(),
+        created_at=(info.created_at if info else None) or _now(),
+        updated_at=_now(),
+        cai_version=__version__,
+    ))

@@ -410,8 +410,8 @@ def test_helpful_from_run_answers_with_the_fake_backend_once_and_reuses_the_answ
     from cai.backends import make_backend
 
     run = copy_run(clean_run, tmp_path / "run")
-    info, _ = read_run(run)
-    assert info["backend"] == "fake" and Path(info["constitution"]["path"]).exists()   # what a fake run records
+    folder, _ = read_run(run)
+    assert folder.info.backend == "fake" and folder.constitution_file().exists()   # what a fake run records
     hpath = write_prompts(tmp_path / "helpful.jsonl",
                           [{"id": f"hp{i:02d}", "prompt": f"How do I water plant number {i}?"} for i in range(30)])
     made: list[tuple[str, str]] = []
@@ -421,7 +421,7 @@ def test_helpful_from_run_answers_with_the_fake_backend_once_and_reuses_the_answ
         return make_backend(kind, model, **kw)
 
     opts = BuildOptions(test_size=0.25, helpful_mix=0.25, helpful_prompts=str(hpath))
-    card = build_datasets(run, opts, helpful_from_run(run, info, str(hpath), 0, counting))
+    card = build_datasets(run, opts, helpful_from_run(run, str(hpath), 0, counting))
     assert made == [("fake", "fake")]
     helpful = read_records(run / "helpful")
     assert len(helpful) == card.helpful["needed"] == card.helpful["used"] == 8     # ceil(24 * 0.25 / 0.75)
@@ -432,7 +432,7 @@ def test_helpful_from_run_answers_with_the_fake_backend_once_and_reuses_the_answ
 
     # a second build reuses the answers: no backend is made, the data is the same
     before = (run / "helpful" / "records.jsonl").read_bytes()
-    card2 = build_datasets(run, opts, helpful_from_run(run, info, str(hpath), 0, counting))
+    card2 = build_datasets(run, opts, helpful_from_run(run, str(hpath), 0, counting))
     assert made == [("fake", "fake")]
     assert card2.sha256 == card.sha256
 

@@ -214,7 +214,7 @@ def test_report_html_renders_every_section(evaluated):
 
 
 def test_no_evaluated_prompt_was_trained_on(evaluated):
-    from cai.data.build import _digest
+    from cai.core.hashing import content_digest as _digest
 
     run, _ = evaluated
     trained = set()

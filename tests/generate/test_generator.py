@@ -9,7 +9,9 @@ import pytest
 from cai.backends.base import Completion, Sampling
 from cai.backends.fake import FakeBackend
 from cai.generate.runner import run_generate
-from cai.generate.generator import Generator, check_output, draw_principles, is_echo, record_key
+from cai.generate.checks import check_output, is_echo
+from cai.generate.generator import Generator
+from cai.generate.planner import draw_principles, record_key
 from cai.core.record import Record, read_records
 from conftest import constitution_yaml, items_from, make_constitution, prompt_rows
 
