@@ -29,18 +29,17 @@ exactly). No prompt is in both splits, and the split of a prompt does not change
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
 
-from cai import __version__
-from cai.core.errors import DataError, display_path
+from cai.core.errors import DataError
 from cai.core.files import write_bytes_atomic, write_json_atomic
-from cai.core.hashing import content_digest, file_sha256, seeded_order, sha256_hex
+from cai.core.hashing import content_digest, seeded_order, sha256_hex
+from cai.data.card import Card, constitutions_of, render_card
+from cai.data.helpful import HelpfulSource, helpful_needed
 from cai.core.record import FLAGS, Record, read_records
-from cai.run import DATA_DIR, RunFolder
+from cai.run import RunFolder
 
 FILES = ("sft_train", "sft_test", "dpo_train", "dpo_test")
 
@@ -64,26 +63,6 @@ class BuildOptions:
         unknown = [f for f in self.allow_flags if f not in FLAGS]
         if unknown:
             raise DataError(f"unknown flag(s) {', '.join(map(repr, unknown))} (flags are {', '.join(FLAGS)})")
-
-
-@dataclass
-class Card:
-    """What ``data build`` wrote, and from what. Serialised as ``data/card.json``."""
-
-    run: str
-    constitution: list[dict]
-    model: str | None
-    options: dict
-    records: int = 0
-    excluded: dict[str, int] = field(default_factory=dict)      # by reason: flag names, "no_pair" (DPO)
-    duplicates: dict[str, int] = field(default_factory=dict)    # dropped duplicate rows, per file kind
-    counts: dict[str, int] = field(default_factory=dict)        # rows per file
-    helpful: dict[str, Any] = field(default_factory=dict)       # requested, available, used, ratio
-    prompts: dict[str, int] = field(default_factory=dict)       # prompt groups per split
-    files: dict[str, str] = field(default_factory=dict)         # file name -> sha256
-    sha256: str = ""                                            # the dataset's hash (over the files' hashes)
-    created_at: str = ""
-    cai_version: str = __version__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,13 +163,6 @@ def read_run(run: str | Path | RunFolder) -> tuple[RunFolder, list[Record]]:
     return folder, records
 
 
-def helpful_needed(n_harmless: int, mix: float) -> int:
-    return math.ceil(n_harmless * mix / (1 - mix)) if mix > 0 else 0
-
-
-HelpfulSource = Callable[[int], list[Record]]
-
-
 def build_datasets(run: str | Path | RunFolder, options: BuildOptions | None = None,
                    helpful_source: HelpfulSource | None = None) -> Card:
     """Write ``run/data/`` from ``run/records.jsonl``. ``helpful_source(n)`` returns up to ``n`` helpfulness records
@@ -201,7 +173,7 @@ def build_datasets(run: str | Path | RunFolder, options: BuildOptions | None = N
     allow = set(opts.allow_flags)
 
     card = Card(run=str(folder.root), model=folder.info.model, options=asdict(opts),
-                constitution=_constitutions(records), records=len(records))
+                constitution=constitutions_of(records), records=len(records))
     sft: list[dict] = []
     dpo: list[dict] = []
     for rec in records:
@@ -265,37 +237,6 @@ def build_datasets(run: str | Path | RunFolder, options: BuildOptions | None = N
     return card
 
 
-def read_card(run: str | Path) -> dict:
-    path = Path(run) / DATA_DIR / "card.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{display_path(path.parent)} has no training data (no card.json)",
-                        hint=f"Run `cai data build {display_path(run)}` first.") from None
-    except ValueError:
-        raise DataError(f"{display_path(path)} is unreadable", hint="Run `cai data build` again.") from None
-
-
-def check_files(run: str | Path, card: dict) -> None:
-    """The data files still match the card (not edited by hand or half-written since)."""
-    data = Path(run) / DATA_DIR
-    for name, sha in card["files"].items():
-        path = data / name
-        if not path.exists() or file_sha256(path) != sha:
-            raise DataError(f"{display_path(path)} does not match {display_path(data / 'card.json')}",
-                            hint=f"It changed after `cai data build`; run `cai data build {display_path(run)}` "
-                                 "again.")
-
-
-def _constitutions(records: list[Record]) -> list[dict]:
-    seen: dict[str, dict] = {}
-    for r in records:
-        c = r.provenance.constitution
-        if c.sha256 not in seen:
-            seen[c.sha256] = {"name": c.name, "version": c.version, "sha256": c.sha256}
-    return list(seen.values())
-
-
 def _flag_summary(records: list[Record]) -> str:
     counts: dict[str, int] = {}
     for r in records:
@@ -310,76 +251,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return sha256_hex(data)
 
 
-def render_card(card: Card) -> str:
-    c = ", ".join(f"{x['name']} v{x['version']} (sha256 {x['sha256'][:12]})" for x in card.constitution) or "?"
-    lines = [
-        f"# Dataset card: {card.run}", "",
-        f"Built by `cai data build` (cai {card.cai_version}) on {card.created_at} from {card.records} records.", "",
-        f"- model that generated the records: {card.model}",
-        f"- constitution: {c}",
-        f"- dataset sha256: `{card.sha256}`",
-        f"- options: {json.dumps(card.options)}",
-        f"- prompts: {card.prompts.get('total', 0)} ({card.prompts.get('test', 0)} held out for test)", "",
-        "| file | rows | sha256 |", "|---|---|---|",
-    ]
-    lines += [f"| {name} | {card.counts[name[:-6]]} | `{sha[:16]}` |" for name, sha in card.files.items()]
-    if card.helpful:
-        h = card.helpful
-        lines += ["", f"Helpfulness mix: {h['used']} rows of ordinary prompts answered by the same model "
-                      f"(asked for ratio {h['requested_ratio']}, got {h['ratio']}; {h['excluded_flagged']} flagged "
-                      "answers left out)."]
-    if card.excluded:
-        lines += ["", "Left out: " + ", ".join(f"{k} {v}" for k, v in sorted(card.excluded.items())) + "."]
-    lines += ["", "SFT rows: `prompt` (the conversation), `completion` (the revision). DPO rows: `prompt`, `chosen` "
-                  "(final revision), `rejected` (initial answer). TRL reads both as they are.", ""]
-    return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Helpfulness answers
-
-
-def read_run_info(run: str | Path) -> dict:   # TEMP(integration): until the CLI reads RunFolder
-    return RunFolder.open(run).info.model_dump(mode="json")
-
-
-def helpful_from_run(run: str | Path | RunFolder, prompts: Any, seed: Any, make_backend: Any, *rest: Any,
-                     progress=None, batch_size: int = 16) -> HelpfulSource:
-    """A ``HelpfulSource`` that answers ordinary prompts with the run's model and sampling settings into
-    ``run/helpful/`` (rounds=0: the answer only). Prompts are taken in a seeded order; answers already in the
-    folder are reused. ``make_backend(kind, model)`` builds the backend (only when something is left to answer)."""
-    from cai.backends.base import Sampling
-    from cai.core.constitution import load_constitution
-    from cai.generate.runner import run_generate
-    from cai.core.prompt_files import load_prompts
-
-    if isinstance(prompts, dict):   # TEMP(integration): the old (run, info, prompts, seed, make) call
-        prompts, seed, make_backend = seed, make_backend, rest[0]
-    folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
-
-    def source(n: int) -> list[Record]:
-        items = load_prompts(prompts).items
-        items.sort(key=lambda it: seeded_order(seed, it.id))
-        items = items[:n]
-        cpath = folder.constitution_file()
-        if cpath is None or not cpath.exists():
-            raise DataError(f"{folder.shown(folder.run_file)} does not name a constitution file that exists "
-                            f"({folder.info.constitution.path!r}); it is needed to answer the helpfulness prompts",
-                            hint="Run `cai generate` for this folder again (it records the path), or build with "
-                                 "--helpful-mix 0.")
-        constitution = load_constitution(cpath)
-        kind = folder.info.backend or "local"
-        model = folder.model_source
-        sampling = Sampling(**folder.info.sampling)
-        out = folder.helpful_dir
-        have = read_records(out) if (out / "records.jsonl").exists() else []
-        wanted = {it.id for it in items}
-        if not wanted <= {r.prompt_id for r in have}:
-            backend = make_backend(kind, model)
-            run_generate(constitution=constitution, items=items, backend=backend, out=out, rounds=0,
-                         sampling=sampling, batch_size=batch_size, progress=progress, model_source=model,
-                         constitution_path=cpath)
-            have = read_records(out)
-        return [r for r in have if r.prompt_id in wanted]
-
-    return source
+# TEMP(integration): old import paths, until the CLI and train import from cai.data.card / cai.data.helpful
+from cai.data.card import check_files, read_card  # noqa: E402,F401
+from cai.data.helpful import helpful_from_run, read_run_info  # noqa: E402,F401

@@ -155,7 +155,8 @@ def _adapters(run: Path, names: tuple[str, ...] | None, notes: list[str]) -> lis
 
 def _training_groups(run: Path) -> tuple[set[str], set[str], dict | None]:
     """Digests of every conversation in a training row, and of those in the test split."""
-    from cai.data.build import DATA_DIR, read_card
+    from cai.data.card import read_card
+    from cai.run import DATA_DIR
 
     data = run / DATA_DIR
     if not (data / "card.json").exists():

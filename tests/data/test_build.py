@@ -15,7 +15,9 @@ from cai.backends.base import Sampling
 from cai.backends.fake import FakeBackend
 from cai.cli import main
 from cai.core.constitution import load_constitution
-from cai.data.build import BuildOptions, build_datasets, check_files, helpful_from_run, read_run
+from cai.data.build import BuildOptions, build_datasets, read_run
+from cai.data.card import check_files
+from cai.data.helpful import helpful_from_run
 from cai.core.errors import DataError, RunFolderError
 from cai.generate.runner import run_generate
 from cai.generate.generator import Generator
