@@ -1,0 +1,60 @@
+"""``cai data build``: a run's records → RUN/data/{sft,dpo}_{train,test}.jsonl and a dataset card."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.cli.options import add_options, option, parsed
+from cai.resources import HELPFUL
+
+HELP = "training data from a run's records"
+
+
+@dataclass
+class DataBuildArgs:
+    run: Path = option(None, "the run folder `cai generate` wrote", positional=True)
+    helpful_mix: float = option(0.0, "fraction of SFT rows that are ordinary prompts answered by the same model, in "
+                                     "[0, 1) (default: %(default)s)")
+    helpful_prompts: str = option(HELPFUL, "the ordinary prompts for --helpful-mix: a file, or a shipped set by "
+                                           "name (default: %(default)s, the shipped data/prompts/helpful.jsonl)")
+    test_size: float = option(0.1, "fraction of prompts held out (default: %(default)s)")
+    all_rounds: bool = option(False, "an SFT row for every round's revision, as the paper trained (default: the "
+                                     "final one)")
+    allow_flag: list[str] = option([], "keep texts with this flag (empty, echo, truncated, unchanged); repeatable",
+                                   metavar="FLAG")
+    seed: int = option(0, "seeds the split and the helpful prompts' order")
+    device: str | None = option(None, "torch device for answering the helpful prompts (default: cuda if available)")
+    base_url: list[str] = option([], "a run made with --backend openai: the endpoints that answer the helpful "
+                                     "prompts (default: the run's own, from run.json); repeatable", metavar="URL")
+    api_key_env: str = option("OPENAI_API_KEY", "a run made with --backend openai: the variable holding the API key "
+                                                "(default: %(default)s)")
+    concurrency: int = option(64, "a run made with --backend openai: requests in flight (default: %(default)s)")
+
+
+def add(sub) -> None:
+    p = sub.add_parser("data", help=HELP)
+    actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    b = actions.add_parser("build", help="records → data/{sft,dpo}_{train,test}.jsonl and a dataset card")
+    add_options(b, DataBuildArgs)
+    b.set_defaults(func=run_build)
+
+
+def run_build(ns: argparse.Namespace) -> int:
+    from cai import workflow
+    from cai.cli.console import quiet_libraries
+    from cai.cli.ui import TerminalUi
+    from cai.data.build import BuildOptions
+    from cai.resources import prompts_path
+
+    a = parsed(DataBuildArgs, ns)
+    opts = BuildOptions(helpful_mix=a.helpful_mix, test_size=a.test_size, all_rounds=a.all_rounds,
+                        allow_flags=tuple(a.allow_flag), seed=a.seed, helpful_prompts=prompts_path(a.helpful_prompts))
+    opts.check()
+    if opts.helpful_mix > 0:
+        quiet_libraries()
+    workflow.build_data(a.run, opts, TerminalUi(), device=a.device,
+                        endpoints=workflow.Endpoints(base_urls=a.base_url, api_key_env=a.api_key_env,
+                                                     concurrency=a.concurrency))
+    return 0

@@ -1,0 +1,103 @@
+"""``cai serve``: the model and its adapters, OpenAI-compatible, beside the critique pipeline. The server package
+is imported here only: the library never imports it."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.cli.options import add_options, option, parsed
+from cai.inference.loading import DTYPES
+
+HELP = "serve the model and its adapters (OpenAI-compatible) beside the critique pipeline"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeArgs:
+    model: str = option("default", "base model: 'default' (offline SmolLM2-135M-Instruct), a local folder, or a HF "
+                                   "id[@revision]")
+    adapter: list[str] = option([], "a LoRA adapter folder, served as model NAME (default: the folder's name); "
+                                    "repeatable", metavar="[NAME=]PATH")
+    constitution: list[str] = option([], "constitution file or folder of *.yaml, reloaded on edit, or the name of a "
+                                         "shipped one; repeatable (default: constitution/, else the shipped default)",
+                                     metavar="PATH")
+    api_key_file: Path | None = option(None, "API keys, one a line (# comments allowed)")
+    api_key_env: str = option("CAI_API_KEYS", "environment variable with comma-separated API keys (default: "
+                                              "%(default)s); with no key anywhere the server is open")
+    host: str = option("127.0.0.1", "address to bind (default: %(default)s)")
+    port: int = option(8000, "default: %(default)s")
+    max_batch: int = option(16, "rows decoded together (default: %(default)s; 1 turns batching off)")
+    queue_size: int = option(64, "requests that may wait; beyond it: 429 with Retry-After (default: %(default)s)")
+    max_tokens: int = option(2048, "cap on a request's max_tokens (default: %(default)s)")
+    default_max_tokens: int = option(256, "max_tokens of a request that gives none (default: %(default)s)")
+    max_n: int = option(4, "cap on a chat request's n (default: %(default)s)")
+    max_body_bytes: int = option(1 << 20, "larger request bodies get 413 (default: %(default)s)")
+    drain_grace: float = option(0.0, "after SIGTERM, seconds of 503 answers before the listener closes (default: "
+                                     "%(default)s)")
+    device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
+    dtype: str = option("auto", "weights' dtype (auto: bfloat16 on a GPU or CPU with bf16 in hardware, AVX512-BF16 "
+                                "or AMX, else float32; default: %(default)s)", choices=DTYPES)
+
+
+def constitution_sources(given: list[str]) -> list[str | Path]:
+    """Files and folders as given (a name that is no path: a shipped constitution); none: the ``constitution/``
+    folder here, which people edit, else the shipped default."""
+    from cai.core.errors import CaiError
+    from cai.resources import DEFAULT_CONSTITUTION, constitution_path
+
+    if not given:
+        return ["constitution"] if Path("constitution").is_dir() else [str(constitution_path(DEFAULT_CONSTITUTION))]
+    sources: list[str | Path] = []
+    for spec in given:
+        try:
+            sources.append(spec if Path(spec).exists() else str(constitution_path(spec)))
+        except CaiError:
+            sources.append(spec)      # the registry says what is wrong with it
+    return sources
+
+
+def add(sub) -> None:
+    p = sub.add_parser("serve", help=HELP)
+    add_options(p, ServeArgs)
+    p.set_defaults(func=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Check everything that can be checked before loading the model (keys, constitutions, adapters against the
+    base), then serve."""
+    from cai.cli.console import console, quiet_libraries
+    from cai.core.errors import CaiError
+    from cai.inference.loading import resolve_model
+    from server.constitutions import ConstitutionRegistry
+    from server.runner import serve
+    from server.security import load_api_keys
+    from server.settings import Limits, Settings, adapter_map, check_adapter
+
+    a = parsed(ServeArgs, ns)
+    err = console(stderr=True)
+    if not 0 < a.port < 65536:
+        raise CaiError(f"--port must be in 1..65535, got {a.port}")
+    if a.max_batch < 1 or a.queue_size < 1:
+        raise CaiError("--max-batch and --queue-size must be at least 1")
+    limits = Limits(max_tokens=a.max_tokens, default_max_tokens=a.default_max_tokens, max_n=a.max_n,
+                    max_body_bytes=a.max_body_bytes)
+    keys = load_api_keys(a.api_key_file, a.api_key_env)
+    sources = constitution_sources(a.constitution)
+    registry = ConstitutionRegistry(sources)
+    adapters = adapter_map(a.adapter)
+    with err.status(f"resolving model {a.model} ..."):
+        model_id = resolve_model(a.model).model_id
+    for name, folder in adapters.items():
+        check_adapter(name, folder, model_id)
+    if not keys and a.host not in LOCAL_HOSTS:
+        err.print(f"[yellow]warning[/]: serving on {a.host} with no API key: anyone who can reach it can use it")
+    err.print(f"constitutions: {', '.join(registry.names())}; models: base ({model_id})"
+              + "".join(f", {n}" for n in adapters) + f"; {'API keys required' if keys else 'no API key'}",
+              soft_wrap=True, markup=False)
+    settings = Settings(model=a.model, adapters=adapters, constitutions=tuple(str(s) for s in sources),
+                        api_keys=tuple(keys), limits=limits, device=a.device, dtype=a.dtype, max_batch=a.max_batch,
+                        queue_size=a.queue_size, drain_grace_s=a.drain_grace)
+    quiet_libraries()
+    return serve(settings, host=a.host, port=a.port, log_level="info" if ns.verbose else "warning")
