@@ -70,3 +70,47 @@ def test_another_os_error_is_not_called_a_full_disk(cli_env, tmp_path, prompt_fi
     with pytest.raises(OSError) as e:
         main(["generate", "--backend", "fake", "--prompts", prompts, "--out", str(tmp_path / "run")])
     assert e.value.errno == errno.EIO
+
+
+def test_data_build_on_a_full_disk_is_a_clear_message(cli_env, tmp_path, capsys, prompt_file, monkeypatch):
+    """Files replaced whole (the data files, the card): the old ones stay, and the same command builds them again."""
+    out = tmp_path / "run"
+    assert main(["generate", "--backend", "fake", "--prompts", str(prompt_file(prompt_rows(8))), "--out", str(out),
+                 "--max-new-tokens", "16"]) == 0
+    capsys.readouterr()
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fsync)
+        rc = main(["data", "build", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "the disk is full" in err and "run the same command again" in " ".join(err.split())
+    assert main(["data", "build", str(out)]) == 0
+    assert (out / "data" / "card.json").exists()
+
+
+def test_ctrl_c_during_generate_says_what_was_kept(cli_env, tmp_path, capsys, prompt_file, monkeypatch):
+    rows = prompt_rows(12)
+    prompts = str(prompt_file(rows))
+    out = tmp_path / "run"
+    args = ["generate", "--backend", "fake", "--prompts", prompts, "--out", str(out), "--batch-size", "2",
+            "--max-new-tokens", "16"]
+    real, calls = os.write, [0]
+
+    def write(fd, data):
+        calls[0] += 1
+        if calls[0] > 4:
+            raise KeyboardInterrupt
+        return real(fd, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", write)
+        rc = main(args)
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 130
+    assert "interrupted: finished batches are saved in" in err and "run the same command again to continue" in err
+    assert main(args) == 0
+    assert len(_records(out / "records.jsonl")) == len(rows)
