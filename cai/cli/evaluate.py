@@ -46,13 +46,14 @@ class EvalArgs:
     judge_concurrency: int = option(32, "openai judge: requests in flight (default: %(default)s)")
 
     def options(self):
-        """The library's EvalOptions."""
+        """The library's EvalOptions (it finds a shipped helpful set by name itself; the red-team file is resolved
+        here)."""
         from cai.evaluation.runner import EvalOptions
         from cai.resources import prompts_path
 
         return EvalOptions(red_team=self.red_team, helpful=self.helpful, records=self.records,
                            prompts=prompts_path(self.prompts) if self.prompts else None,
-                           helpful_prompts=prompts_path(self.helpful_prompts), principles=tuple(self.principles),
+                           helpful_prompts=self.helpful_prompts, principles=tuple(self.principles),
                            adapters=tuple(self.adapters) if self.adapters else None,
                            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                            seed=self.seed, batch_size=self.batch_size)

@@ -118,6 +118,6 @@ def test_eval_options_defaults_are_the_parsers():
     opts = ev.options()
     assert opts.adapters == ("sft",) and opts.principles == ("a", "b")
     assert (opts.temperature, opts.top_p, opts.batch_size, opts.seed) == (0.7, 0.95, 16, 0)
-    assert opts.helpful_prompts == prompts_path(HELPFUL) and Path(opts.helpful_prompts).is_file()
+    assert opts.helpful_prompts == HELPFUL and Path(prompts_path(opts.helpful_prompts)).is_file()
     demo = parsed(EvalArgs, build_parser().parse_args(["demo", "--seed", "3"]), prefix="eval-", seed=3).options()
     assert (demo.red_team, demo.max_new_tokens, demo.seed, demo.batch_size, demo.temperature) == (16, 96, 3, 16, 0.7)
