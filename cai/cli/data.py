@@ -46,11 +46,10 @@ def run_build(ns: argparse.Namespace) -> int:
     from cai.cli.console import quiet_libraries
     from cai.cli.ui import TerminalUi
     from cai.data.build import BuildOptions
-    from cai.resources import prompts_path
 
     a = parsed(DataBuildArgs, ns)
     opts = BuildOptions(helpful_mix=a.helpful_mix, test_size=a.test_size, all_rounds=a.all_rounds,
-                        allow_flags=tuple(a.allow_flag), seed=a.seed, helpful_prompts=prompts_path(a.helpful_prompts))
+                        allow_flags=tuple(a.allow_flag), seed=a.seed, helpful_prompts=a.helpful_prompts)
     opts.check()
     if opts.helpful_mix > 0:
         quiet_libraries()

@@ -38,13 +38,13 @@ def run(ns: argparse.Namespace) -> int:
     from cai.cli.generate import generate_job
     from cai.cli.ui import TerminalUi
     from cai.core.errors import display_path
-    from cai.resources import HELPFUL, prompts_path
+    from cai.resources import HELPFUL
 
     g = parsed(GenerateArgs, ns)
     demo = parsed(DemoArgs, ns)
     # the evaluation shares the demo's seed (and device); its other settings are `cai eval`'s defaults
     sizes = parsed(EvalArgs, ns, prefix=EVAL_PREFIX, seed=g.seed)
-    job = workflow.DemoJob(generate=generate_job(g), helpful_prompts=prompts_path(HELPFUL),
+    job = workflow.DemoJob(generate=generate_job(g), helpful_prompts=HELPFUL,
                            train_steps=demo.train_steps, eval=sizes.options(), seed=g.seed)
     quiet_libraries()
     if workflow.demo(job, TerminalUi()):

@@ -39,6 +39,7 @@ from cai.core.hashing import content_digest, seeded_order, sha256_hex
 from cai.data.card import Card, constitutions_of, render_card
 from cai.data.helpful import HelpfulSource, helpful_needed
 from cai.core.record import FLAGS, Record, read_records
+from cai.resources import HELPFUL
 from cai.run import RunFolder
 
 FILES = ("sft_train", "sft_test", "dpo_train", "dpo_test")
@@ -51,7 +52,7 @@ class BuildOptions:
     all_rounds: bool = False          # an SFT row per round's revision, not only the final one
     allow_flags: tuple[str, ...] = ()  # flags that do not exclude a record
     seed: int = 0                     # the split and the choice of helpful prompts
-    helpful_prompts: str = "data/prompts/helpful.jsonl"
+    helpful_prompts: str = HELPFUL    # a shipped prompt set by name, or a file
 
     def check(self) -> None:
         if not 0 <= self.helpful_mix < 1:
@@ -252,7 +253,3 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 
-
-# TEMP(integration): old import paths, until the CLI and train import from cai.data.card / cai.data.helpful
-from cai.data.card import check_files, read_card  # noqa: E402,F401
-from cai.data.helpful import helpful_from_run, read_run_info  # noqa: E402,F401

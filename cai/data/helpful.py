@@ -11,6 +11,7 @@ from typing import Any, Callable
 from cai.core.errors import DataError
 from cai.core.hashing import seeded_order
 from cai.core.record import Record, read_records
+from cai.resources import prompts_path
 from cai.run import RunFolder
 
 HelpfulSource = Callable[[int], list[Record]]   # n -> up to n helpfulness records (answers with no rounds)
@@ -20,11 +21,7 @@ def helpful_needed(n_harmless: int, mix: float) -> int:
     return math.ceil(n_harmless * mix / (1 - mix)) if mix > 0 else 0
 
 
-def read_run_info(run: str | Path) -> dict:   # TEMP(integration): until the CLI reads RunFolder
-    return RunFolder.open(run).info.model_dump(mode="json")
-
-
-def helpful_from_run(run: str | Path | RunFolder, prompts: Any, seed: Any, make_backend: Any, *rest: Any,
+def helpful_from_run(run: str | Path | RunFolder, prompts: str, seed: int, make_backend: Callable[[str, str], Any],
                      progress=None, batch_size: int = 16) -> HelpfulSource:
     """A ``HelpfulSource`` that answers ordinary prompts with the run's model and sampling settings into
     ``run/helpful/`` (rounds=0: the answer only). Prompts are taken in a seeded order; answers already in the
@@ -34,12 +31,10 @@ def helpful_from_run(run: str | Path | RunFolder, prompts: Any, seed: Any, make_
     from cai.generate.runner import run_generate
     from cai.core.prompt_files import load_prompts
 
-    if isinstance(prompts, dict):   # TEMP(integration): the old (run, info, prompts, seed, make) call
-        prompts, seed, make_backend = seed, make_backend, rest[0]
     folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
 
     def source(n: int) -> list[Record]:
-        items = load_prompts(prompts).items
+        items = load_prompts(prompts_path(prompts)).items
         items.sort(key=lambda it: seeded_order(seed, it.id))
         items = items[:n]
         cpath = folder.constitution_file()

@@ -37,7 +37,7 @@ from typing import Any
 
 from cai.core.errors import Issue, RunFolderError, TrainingError, display_path
 from cai.core.files import write_json_atomic
-from cai.data.build import check_files, read_card
+from cai.data.card import check_files, read_card
 from cai.inference.dtype import training_dtype
 from cai.inference.loading import ResolvedModel
 from cai.inference.merge import ADAPTER_CONFIG, base_source, merge_adapter
