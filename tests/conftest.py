@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 # subprocesses inherit it. An explicit OMP_NUM_THREADS wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Helper modules that test files import by name (tests/<dir>/ is on sys.path): pytest rewrites their asserts too.
+pytest.register_assert_rewrite("train_fixtures")
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -3,11 +3,9 @@ through TRL, the manifest, guards, resume (after kill -9, or refused), and mergi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,113 +14,20 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from conftest import copy_model_without_chat_template, subprocess_env
+from train_fixtures import SFT_STEPS, copy_run, lora_tensors, sha256_file, small_flags
 
 from cai.cli import build_parser, main
-from cai.data.build import read_card
 from cai.core.errors import ConfigError, RunFolderError, TrainingError, display_path
 from cai.core.record import read_records
+from cai.data.card import read_card
 from cai.run import RunFolder
 from cai.train import NonFiniteLoss, parse_config, recipe_path, train
-from conftest import constitution_yaml, copy_model_without_chat_template, prompt_rows, subprocess_env, write_prompts
+
+pytest_plugins = ["train_fixtures"]     # base_run, sft_run, load_spy
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "cai" / "resources" / "recipes").glob("*.yaml"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SFT_STEPS = 4
-
-
-def small_flags(model: Path | None = None, steps: int = SFT_STEPS, **extra) -> list[str]:
-    flags = ["--max_steps", str(steps), "--save_steps", "2", "--per_device_train_batch_size", "2",
-             "--gradient_accumulation_steps", "1", "--max_length", "256"]
-    if model is not None:
-        flags += ["--model_name_or_path", str(model)]
-    for k, v in extra.items():
-        flags += [f"--{k}", str(v)]
-    return flags
-
-
-def copy_run(src: Path, dest: Path, *, adapters: bool = False) -> Path:
-    shutil.copytree(src, dest, ignore=None if adapters else shutil.ignore_patterns("adapters"))
-    return dest
-
-
-def lora_tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-class LoadSpy:
-    """Wraps cai.train.trainer.load_model: counts calls and what the loaded base model is made of."""
-
-    def __init__(self, real):
-        self.real = real
-        self.calls = 0
-        self.linear_4bit = 0
-        self.decoder_linear = 0
-
-    def __call__(self, *args, **kwargs):
-        import bitsandbytes as bnb
-        import torch
-
-        model = self.real(*args, **kwargs)
-        self.calls += 1
-        self.linear_4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.model.layers.modules())
-        self.decoder_linear = sum(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
-        self.is_loaded_in_4bit = getattr(model, "is_loaded_in_4bit", False)
-        self.weight_dtypes = {str(m.weight.dtype) for m in model.model.layers.modules()
-                              if isinstance(m, bnb.nn.Linear4bit)}
-        return model
-
-
-@pytest.fixture
-def load_spy(monkeypatch):
-    import cai.train.trainer
-
-    spy = LoadSpy(cai.train.trainer.load_model)
-    monkeypatch.setattr(cai.train.trainer, "load_model", spy)
-    return spy
-
-
-@pytest.fixture(autouse=True)
-def _no_fake_delay(monkeypatch):
-    monkeypatch.delenv("CAI_FAKE_DELAY", raising=False)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Run folders, built once
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> Path:
-    """A fake-backend run folder with its data built: 24 prompts, 2 rounds."""
-    root = tmp_path_factory.mktemp("train")
-    constitution = root / "constitution.yaml"
-    constitution.write_text(constitution_yaml(4))
-    prompts = write_prompts(root / "prompts.jsonl", prompt_rows(24))
-    run = root / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("CAI_FAKE_DELAY", raising=False)
-        assert main(["generate", "--backend", "fake", "--constitution", str(constitution), "--prompts", str(prompts),
-                     "--out", str(run), "--limit", "24", "--rounds", "2", "--max-new-tokens", "64"]) == 0
-        assert main(["data", "build", str(run)]) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
-def sft_run(base_run, tiny_model_dir, tmp_path_factory):
-    """QLoRA SFT, a few steps, on a copy of the base run; a high learning rate so the adapter visibly matters."""
-    import cai.train.trainer
-
-    run = copy_run(base_run, tmp_path_factory.mktemp("sft") / "run")
-    with pytest.MonkeyPatch.context() as mp:
-        spy = LoadSpy(cai.train.trainer.load_model)
-        mp.setattr(cai.train.trainer, "load_model", spy)
-        manifest = train(parse_config("sft", run, None, small_flags(tiny_model_dir, learning_rate=5e-3)))
-    return run, manifest, spy
 
 
 # ---------------------------------------------------------------------------------------------------------------
