@@ -28,6 +28,7 @@ BENCHES = {
     "incremental": ([], ["--limit", "64"]),
     "train": ([], ["--rows", "24", "--steps", "4"]),
     "serve": ([], ["--requests", "1", "--single", "3"]),
+    "hostile_yaml": ([], []),
 }
 RATIO = re.compile(r"^(?P<name>.+?)\s*=\s*(?P<value>[-+0-9.eE]+)\s+\(target\s*(?P<op>>=|<=)\s*(?P<target>[-+0-9.eE]+)")
 

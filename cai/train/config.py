@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.core.constitution import yaml_with_lines
+from cai.core.safe_yaml import yaml_with_lines
 from cai.core.errors import ConfigError, Issue, display_path
 from cai.resources import recipe_path
 from cai.run import RunFolder

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from cai.cli import main
-from cai.core.constitution import import_anthropic, import_hf, load_constitution
+from cai.core.constitution import load_constitution
+from cai.core.importers import import_anthropic, import_hf
 from cai.core.errors import ConstitutionError
 
 HF_PRINCIPLES = [
