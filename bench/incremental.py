@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 from cai.backends.base import Sampling  # noqa: E402
 from cai.backends.fake import FakeBackend  # noqa: E402
 from cai.core.constitution import load_constitution  # noqa: E402
-from cai.generate.runner import dry_run, run_generate  # noqa: E402
 from cai.core.prompt_files import load_prompts  # noqa: E402
+from cai.generate.runner import dry_run, run_generate  # noqa: E402
 
 
 def main() -> None:

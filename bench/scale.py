@@ -1,17 +1,18 @@
 """Generation throughput of the openai backend with 1 vs 2 vs 4 endpoints (target: >= 1.8x and >= 3.5x of one).
 
-Each endpoint is a fault-free test server (``tests/fixtures/fault_server.py``) in its own process, so the servers do not compete
-with the client for the GIL. A server answers every request after a fixed ``--delay`` and works on at most
+Each endpoint is a fault-free test server (``tests/fixtures/fault_server.py``) in its own process, so the servers do
+not compete with the client for the GIL. A server answers every request after a fixed ``--delay`` and works on at most
 ``--slots`` requests at once; the others queue, as on a real server of fixed capacity. One endpoint can therefore
 serve at most ``slots / delay`` requests per second, whatever the client sends.
 
 The same prompts (the first ``--prompts`` of ``data/prompts/red_team.jsonl``, the default constitution) go through
 ``run_generate`` (respond, then critique and revise per round: ``1 + 2 * rounds`` requests a prompt) into a fresh
-temporary run folder for each arm, with the client's concurrency (and records in flight, ``--batch-size``: the CLI's default for this backend)
-far above the endpoints' total slots, so the endpoints, not the client, are the limit. The arms run side by side in
-one process, interleaved over ``--repeats``; the best of each is reported. Prints per arm: requests/s and records/s,
-the endpoints' capacity (``endpoints * slots / delay`` requests/s) and the share of it reached, the floor (the
-shortest time the endpoints allow: :func:`floor_seconds`) and the share of it reached; then the ratios 2/1 and 4/1.
+temporary run folder for each arm, with the client's concurrency (and records in flight, ``--batch-size``: the CLI's
+default for this backend) far above the endpoints' total slots, so the endpoints, not the client, are the limit. The
+arms run side by side in one process, interleaved over ``--repeats``; the best of each is reported. Prints per arm:
+requests/s and records/s, the endpoints' capacity (``endpoints * slots / delay`` requests/s) and the share of it
+reached, the floor (the shortest time the endpoints allow: :func:`floor_seconds`) and the share of it reached; then
+the ratios 2/1 and 4/1.
 
     .venv/bin/python bench/scale.py          # 96 prompts, 1 round, delay 0.2 s, 4 slots an endpoint, concurrency 64
     .venv/bin/python bench/scale.py --prompts 192 --delay 0.1 --repeats 3
@@ -34,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from cai.backends import make_backend  # noqa: E402
 from cai.backends.base import Sampling  # noqa: E402
 from cai.core.constitution import load_constitution  # noqa: E402
-from cai.generate.runner import run_generate  # noqa: E402
 from cai.core.prompt_files import load_prompts  # noqa: E402
+from cai.generate.runner import run_generate  # noqa: E402
 
 ARMS = (1, 2, 4)
 
@@ -44,8 +45,9 @@ def start_servers(n: int, delay: float, slots: int) -> list[tuple[subprocess.Pop
     """``n`` fault servers, each in its own process; each prints its URL and serves until its stdin closes."""
     servers = []
     for _ in range(n):
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fixtures" / "fault_server.py"), "--delay", str(delay),
-                                 "--slots", str(slots)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        server = str(ROOT / "tests" / "fixtures" / "fault_server.py")
+        proc = subprocess.Popen([sys.executable, server, "--delay", str(delay), "--slots", str(slots)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         servers.append((proc, proc.stdout.readline().strip()))
     return servers
 
@@ -113,7 +115,8 @@ def main() -> None:
         stop_servers(servers)
 
     print(f"openai backend, {len(items)} prompts, {args.rounds} round(s) ({stages} requests a prompt), client "
-          f"concurrency {args.concurrency}, {batch_size} records in flight; each endpoint a fault_server process answering after "
+          f"concurrency {args.concurrency}, {batch_size} records in flight; each endpoint a fault_server process "
+          f"answering after "
           f"{args.delay:g}s, {args.slots} at a time ({args.slots / args.delay:g} req/s capacity); best of "
           f"{args.repeats}")
     print(f"{'endpoints':>9} {'requests':>8} {'seconds':>8} {'req/s':>7} {'rec/s':>7} {'capacity':>8} "

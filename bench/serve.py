@@ -262,7 +262,7 @@ def main() -> int:
             )
             r = res[arm]
             print(f"[{arm}] done: {r['tokens']} tokens in {r['wall']:.1f}s", flush=True)
-        except Exception as e:  # noqa: BLE001 - an arm that fails is reported, the others still run
+        except Exception as e:
             errors[arm] = f"{type(e).__name__}: {e}"
             print(f"[{arm}] FAILED: {errors[arm]}\n{server.tail()}", flush=True)
         finally:

@@ -85,12 +85,11 @@ def sft_run(model_path: str, rows: list[dict], *, padding_free: bool, steps: int
 
 def memory_child(model_path: str, mode: str) -> None:
     """In a fresh process: load the base as ``mode`` (4bit | 16bit), run one SFT step, print footprint and RSS."""
+    import torch  # noqa: F401  (imports counted in the baseline)
+    import trl  # noqa: F401
     from trl import ModelConfig
 
     from cai.train.trainer import load_model
-
-    import torch  # noqa: F401  (imports counted in the baseline)
-    import trl  # noqa: F401
 
     base = _status("VmRSS")
     mcfg = ModelConfig(load_in_4bit=mode == "4bit", bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)

@@ -218,8 +218,9 @@ def build_data(run: Path, opts, ui: Ui | None = None, *, device: str | None = No
 
     kept = f"the helpfulness answers finished so far are saved in {folder.shown(folder.helpful_dir)}"
     with resumable(kept, interrupt=False), ui.bar() as bar:
+        batch_size = endpoints.concurrency if info.backend == "openai" else 16
         source = helpful_from_run(folder, opts.helpful_prompts, opts.seed, make,
-                                  progress=bar.generate("helpful answers"), batch_size=endpoints.concurrency if info.backend == "openai" else 16)
+                                  progress=bar.generate("helpful answers"), batch_size=batch_size)
         card = build_datasets(folder, opts, source)
     ui.built(card)
     return card
@@ -295,8 +296,8 @@ class _EvalModels:
             from cai.backends import make_backend
 
             info = self.folder.info
-            options = ({"base_urls": info.base_urls or [], "api_key_env": "OPENAI_API_KEY"}
-                       if info.backend == "openai" else {})
+            options: dict[str, Any] = ({"base_urls": info.base_urls or [], "api_key_env": "OPENAI_API_KEY"}
+                                       if info.backend == "openai" else {})
             with self.ui.status(f"loading model {self.folder.model_source} ..."):
                 self.loaded["base"] = make_backend(info.backend, self.folder.model_source, device=self.device,
                                                    **options)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -93,7 +94,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[BaseException], None] 
         try:
             engine, manifests = await asyncio.to_thread(load_engine, settings)
             engine.start()
-        except Exception as e:  # noqa: BLE001 - reported on /health and to on_fatal, never a dead task
+        except Exception as e:
             st.load_error = str(e) if str(e) else type(e).__name__
             log.error("cannot serve: %s", e)
             if st.on_fatal is not None:

@@ -9,9 +9,9 @@ inside it, in name order; other files (a README) and dotfiles (editor swap and l
 ignored. A file named explicitly is loaded whatever its suffix.
 
 Start-up is strict: any file that does not validate, two files declaring one ``name:``, a source that does not exist,
-or no constitution at all raises :class:`~cai.core.errors.ConstitutionError` listing every problem (``file:line: field:
-message``, as :func:`~cai.core.constitution.load_constitution` words them). After that the service is never taken down by
-an edit: a file that no longer validates keeps its last good version serving and is reported by
+or no constitution at all raises :class:`~cai.core.errors.ConstitutionError` listing every problem (``file:line:
+field: message``, as :func:`~cai.core.constitution.load_constitution` words them). After that the service is never
+taken down by an edit: a file that no longer validates keeps its last good version serving and is reported by
 :meth:`ConstitutionRegistry.errors` (and logged as a WARNING once per distinct failure) until it loads again.
 
 Noticing edits. :meth:`~ConstitutionRegistry.refresh` stats every file (cheap) and reads only those whose stat
@@ -229,7 +229,8 @@ class ConstitutionRegistry:
                 raise ConstitutionError(f"no constitution found in {shown}",
                                         hint="a folder is searched for *.yaml and *.yml files directly inside it")
             self._files = {key: replace(f, serving=f.parsed) for key, f in files.items()}
-            self._view = _View(dict(sorted((name, f.parsed) for name, f in claimed.items())), {})
+            self._view = _View(dict(sorted((name, f.parsed) for name, f in claimed.items()
+                                           if f.parsed is not None)), {})
         for name, loaded in self._view.loaded.items():
             self.log.info("loaded constitution %r from %s (sha256 %s)", name, loaded.path,
                           loaded.constitution.sha256[:12])
@@ -277,8 +278,8 @@ class ConstitutionRegistry:
                 errors[path] = old_view.errors[path]
 
         files = {key: replace(f, serving=wanted[key]) for key, f in files.items()}
-        loaded = {s.constitution.name: s for s in (f.serving for f in files.values()) if s is not None}
-        view = _View(dict(sorted(loaded.items())), dict(sorted(errors.items())))
+        serving = {s.constitution.name: s for s in (f.serving for f in files.values()) if s is not None}
+        view = _View(dict(sorted(serving.items())), dict(sorted(errors.items())))
         self._files, self._view = files, view   # _files is only read under the lock; readers see _view alone
 
         self._log_changes(old_files, files, old_view, view)
@@ -451,7 +452,7 @@ async def watch(registry: ConstitutionRegistry, interval: float = 1.0) -> None:
         await asyncio.sleep(interval)
         try:
             await asyncio.to_thread(registry.refresh)
-        except Exception as e:   # noqa: BLE001 - the watch must never die; CancelledError is not an Exception
+        except Exception as e:
             failure = f"{type(e).__name__}: {e}"
             if failure != last_failure:
                 registry.log.exception("constitution refresh failed (retrying every %ss)", interval)

@@ -57,14 +57,15 @@ import secrets
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cai.backends.base import Completion, Sampling
 from cai.core.errors import ContextLengthError, Issue, ModelError
-from cai.inference.loading import load_chat_model
 from cai.core.prompts import Message
+from cai.inference.loading import load_chat_model
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ class Engine:
         self.context_length: int | None = loaded.context_length
         self._lm = lm           # the transformers model (its config builds caches)
         self._model = lm        # what forward passes go through: the model, or the PeftModel around it
-        self._peft = None
+        self._peft: Any = None
         for name, folder in adapters.items():
             self._load_adapter(name, folder)
         if self._peft is not None:
@@ -805,13 +806,13 @@ class Engine:
             return
         index = torch.tensor(asked, device=logits.device)
         logp = torch.log_softmax(logits[index], dim=-1)                      # [asked rows, vocab] float32
-        k = max(rows[i].params.logprobs for i in asked)
+        k = max(rows[i].params.logprobs or 0 for i in asked)
         top_lp, top_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
         chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in asked], device=logits.device))[:, 0].tolist()
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        top_lps, top_tokens = top_lp.tolist(), top_ids.tolist()
         for j, i in enumerate(asked):
             n = rows[i].params.logprobs
-            rows[i].logprobs.append(TokenLogprob(tokens[i], chosen[j], tuple(zip(top_ids[j][:n], top_lp[j][:n]))))
+            rows[i].logprobs.append(TokenLogprob(tokens[i], chosen[j], tuple(zip(top_tokens[j][:n], top_lps[j][:n]))))
 
     def _on_token(self, request: _Request, token: int) -> str | None:
         """Take one decoded token of a row: stream what can be shown; the finish reason if the row is done."""
@@ -925,7 +926,8 @@ def _sample(probs: Any, top_p: float, generator: Any) -> int:
 
 class EngineBackend:
     """The cai :class:`~cai.backends.base.Backend` protocol over an engine and one of its models, so the server's
-    critique and revise routes run :class:`cai.generate.generator.Generator` through the same worker as chat completions.
+    critique and revise routes run :class:`cai.generate.generator.Generator` through the same worker as chat
+    completions.
 
     ``generate`` blocks: call it from a plain thread, never from the event loop. Row i of a batch is seeded with
     ``seed + i``; when the queue is full it waits for room rather than failing.

@@ -15,7 +15,8 @@ import math
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)   # seconds
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)                                                   # rows

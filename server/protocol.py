@@ -128,7 +128,7 @@ class ChatCompletionRequest(_Sampling):
         return v
 
     @model_validator(mode="after")
-    def _extension(self) -> "ChatCompletionRequest":
+    def _extension(self) -> ChatCompletionRequest:
         if (self.principles is not None or self.rounds is not None) and self.constitution is None:
             raise ValueError("'principles' and 'rounds' go with 'constitution' (the critique→revise extension)")
         if self.top_logprobs is not None and not self.logprobs:
@@ -178,7 +178,7 @@ class ReviseRequest(_Sampling):
         return _check_text(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _rounds(self) -> "ReviseRequest":
+    def _rounds(self) -> ReviseRequest:
         if self.principles is not None and self.rounds is not None and len(self.principles) != self.rounds:
             raise ValueError(f"{len(self.principles)} principles for {self.rounds} rounds: give one per round, or "
                              "leave 'rounds' out")

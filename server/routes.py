@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import email.message
 import json
-from typing import Any, AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request

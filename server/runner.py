@@ -54,7 +54,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_lev
 
     app = create_app(settings, on_fatal=on_fatal)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
+                            # uvicorn types it int but waits with asyncio: a float of seconds works as it reads
+                            timeout_graceful_shutdown=settings.drain_timeout_s)  # type: ignore[arg-type]
     server = DrainingServer(config, app.state.server, settings.drain_grace_s)
     server.run()
     if fatal:

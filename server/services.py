@@ -6,9 +6,9 @@ iterator of chunk dicts) into a response. Failures are the exceptions below (and
 one function.
 
 One implementation of the stages. Critique and revise prompts always come from :mod:`cai.core.prompts` and run through
-:class:`cai.generate.generator.Generator` over :class:`~server.engine.EngineBackend`, so a record from ``/v1/revise`` is the
-record ``cai generate`` would write for the same conversation, constitution, sampling and model (in the same dtype:
-``cai serve --dtype auto`` is bf16 on a CPU with bf16 in hardware, ``cai generate`` fp32). An answer that
+:class:`cai.generate.generator.Generator` over :class:`~server.engine.EngineBackend`, so a record from ``/v1/revise``
+is the record ``cai generate`` would write for the same conversation, constitution, sampling and model (in the same
+dtype: ``cai serve --dtype auto`` is bf16 on a CPU with bf16 in hardware, ``cai generate`` fp32). An answer that
 already exists (the ``response`` of ``/v1/revise``, or the chat answer of the ``constitution`` extension) is handed to
 the Generator through a :class:`~cai.generate.generator.MemoryStageCache` pre-seeded under the respond stage's key: the
 Generator finds its first stage answered and goes on with the rounds, with no second code path.
@@ -31,16 +31,25 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from cai.backends.base import Completion, Sampling
 from cai.core.constitution import Constitution
-from cai.core.record import Record
-from cai.generate.generator import Generator, MemoryStageCache, Plan, check_output, draw_principles, record_key, stage_key
 from cai.core.prompt_files import PromptItem, item_from_row
 from cai.core.prompts import Message, critique_messages, respond_messages
+from cai.core.record import Record
+from cai.generate.generator import (
+    Generator,
+    MemoryStageCache,
+    Plan,
+    check_output,
+    draw_principles,
+    record_key,
+    stage_key,
+)
 from server.constitutions import ConstitutionRegistry
 from server.engine import Delta, Done, Engine, EngineBackend, Event, GenParams, Handle, TokenLogprob, UnknownModel
 from server.protocol import ChatCompletionRequest, ChatMessage, CritiqueRequest, ReviseRequest
@@ -95,8 +104,7 @@ class SpecialTokenFilter:
             content = getattr(token, "content", "")
             if getattr(token, "special", False) or (content and not any(c.isspace() for c in content)):
                 strings.add(content)
-        strings = sorted((s for s in strings if len(s) >= 2), key=len, reverse=True)   # longest first
-        self.tokens = strings
+        self.tokens = sorted((s for s in strings if len(s) >= 2), key=len, reverse=True)   # longest first
         self._pattern = re.compile("|".join(map(re.escape, strings))) if strings else None
 
     def __call__(self, text: str) -> str:
@@ -343,7 +351,7 @@ class Services:
         try:
             handles = await asyncio.shield(future)
         except asyncio.CancelledError:
-            future.add_done_callback(lambda f: f.cancelled() or f.exception() or [h.cancel() for h in f.result()])
+            future.add_done_callback(_cancel_handles)
             raise
         return _Choices(handles, queue)
 
@@ -453,7 +461,8 @@ class Services:
 
     async def critique(self, req: CritiqueRequest) -> dict:
         """Critique ``response`` against each principle named (or one drawn, as `cai generate` would draw it for
-        this conversation and seed). One batched engine call, with the prompts of :func:`cai.core.prompts.critique_messages`."""
+        this conversation and seed). One batched engine call, with the prompts of
+        :func:`cai.core.prompts.critique_messages`."""
         c = self._constitution(req.constitution)
         model = req.model or self.engine.base_name
         backend = self._backend(model)
@@ -502,8 +511,9 @@ class Services:
 
     def _run_pipeline(self, backend: EngineBackend, item: PromptItem, revision: Revision, sampling: Sampling,
                       answer: Completion | None) -> Record:
-        """One record through cai.generate.generator.Generator (blocking; in a worker thread). A given ``answer`` pre-seeds
-        the stage cache under the respond stage's key, so the Generator takes it as its first stage's output."""
+        """One record through cai.generate.generator.Generator (blocking; in a worker thread). A given ``answer``
+        pre-seeds the stage cache under the respond stage's key, so the Generator takes it as its first stage's
+        output."""
         gen = Generator(revision.constitution, backend, rounds=revision.rounds, sampling=sampling)
         plan = self._plan(item, revision, backend, sampling)
         cache = MemoryStageCache()
@@ -623,6 +633,13 @@ class Services:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _cancel_handles(future: asyncio.Future) -> None:
+    """Cancel what a submit finished after its caller had gone (the caller was cancelled while it ran)."""
+    if not future.cancelled() and future.exception() is None:
+        for handle in future.result():
+            handle.cancel()
 
 
 def _check_done(done: Done) -> None:

@@ -91,8 +91,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 
 def check_adapter(name: str, folder: str, model_id: str) -> dict[str, Any] | None:
     """Refuse an adapter whose manifest names another base model than ``model_id`` (the served base's id, as
-    :func:`cai.inference.loading.resolve_model` gives it): LoRA weights of another base load without an error when the shapes
-    happen to match and then produce garbage. Returns the manifest."""
+    :func:`cai.inference.loading.resolve_model` gives it): LoRA weights of another base load without an error when the
+    shapes happen to match and then produce garbage. Returns the manifest."""
     path = Path(folder)
     if not path.is_dir():
         raise ModelError(f"adapter {name!r}: folder {folder} does not exist",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cai.backends.base import Backend, Completion, Sampling
 
-__all__ = ["Backend", "Completion", "Sampling", "make_backend", "BACKENDS"]
+__all__ = ["BACKENDS", "Backend", "Completion", "Sampling", "make_backend"]
 
 BACKENDS = ("local", "fake", "openai")
 
@@ -28,5 +28,5 @@ def make_backend(kind: str, model: str | None = None, device: str | None = None,
     if kind == "fake":
         from cai.backends.fake import FakeBackend
 
-        return FakeBackend("fake" if model in (None, "", "default") else model)
+        return FakeBackend("fake" if model in (None, "", "default") else model)  # type: ignore[return-value]
     raise ValueError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")

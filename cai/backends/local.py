@@ -21,8 +21,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from cai.backends.base import Completion, Sampling
 from cai.core.errors import ContextLengthError, Issue
-from cai.inference.loading import load_chat_model
 from cai.core.prompts import Message
+from cai.inference.loading import load_chat_model
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class LocalBackend:
                                      device=self.device)
             mask = torch.tensor([[0] * (width - (n - p)) + [1] * (n - p) for n in lengths], device=self.device)
             extra["position_ids"] = p + (mask.cumsum(-1) - 1).clamp(min=0)
-            extra["past_key_values"] = SuffixCache(self.lm.config, cache)
+            extra["past_key_values"] = SuffixCache(self.lm.config, cache)  # type: ignore[arg-type]
         else:
             # [shared prefix][left padding][row suffix], the prefix's cache copied into every row
             input_ids = torch.tensor([list(prefix) + [pad] * (width - (n - p)) + x[p:]
@@ -141,7 +141,7 @@ class LocalBackend:
                                 device=self.device)
             if cache is not None:
                 rows = copy.deepcopy(cache)
-                rows.batch_repeat_interleave(len(batch))
+                rows.batch_repeat_interleave(len(batch))  # type: ignore[attr-defined]
                 extra["past_key_values"] = rows
         if cache is not None:
             self.prefix_hits += len(batch)

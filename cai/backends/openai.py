@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import email.utils
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from cai.backends.base import Completion, Sampling
 from cai.core.errors import CaiError
@@ -94,7 +95,7 @@ class OpenAIBackend:
         self._api_key = os.environ.get(self.api_key_env) or None
         self._verified = False
         self._loop: asyncio.AbstractEventLoop | None = None     # one loop and one client for the backend's life:
-        self._client = None                                      # connections are reused from stage to stage
+        self._client: Any = None                                 # connections are reused from stage to stage
         self._sem: asyncio.Semaphore | None = None               # acomplete's limit and first-request lock
         self._first: asyncio.Lock | None = None
 
@@ -125,7 +126,7 @@ class OpenAIBackend:
     async def acomplete(self, messages: list[Message], sampling: Sampling, seed: int) -> Completion:
         """One request, under the backend's concurrency limit. Until one request has succeeded, requests go one
         at a time: a wrong key or URL costs one request, not ``concurrency`` of them."""
-        if self._sem is None:
+        if self._sem is None or self._first is None:
             self._sem, self._first = asyncio.Semaphore(self.concurrency), asyncio.Lock()
         if not self._verified:
             async with self._first:
@@ -302,4 +303,4 @@ def _short(text: str, n: int = 200) -> str:
     return text[:n] + ("…" if len(text) > n else "")
 
 
-__all__ = ["OpenAIBackend", "AuthError", "EndpointError", "Endpoint"]
+__all__ = ["AuthError", "Endpoint", "EndpointError", "OpenAIBackend"]

@@ -32,9 +32,9 @@ def add(sub) -> None:
 def run_import(ns: argparse.Namespace) -> int:
     from cai.cli.console import console
     from cai.core.constitution import parse_constitution
-    from cai.core.importers import import_anthropic, import_hf
     from cai.core.errors import CaiError, display_path
     from cai.core.files import write_bytes_atomic
+    from cai.core.importers import import_anthropic, import_hf
 
     a = parsed(ImportArgs, ns)
     if a.output.exists() and not a.force:

@@ -27,15 +27,15 @@ class Bar:
                              TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                              transient=False)
 
-    def __enter__(self) -> Bar:   # noqa: PYI034  (Bar is final)
+    def __enter__(self) -> Bar:
         self.rich.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.rich.__exit__(*exc)
 
     def _task(self, label: str, total: float, completed: float = 0) -> Any:
-        return self.rich.add_task(label, total=total, completed=completed, detail="", rate="")
+        return self.rich.add_task(label, total=total, completed=int(completed), detail="", rate="")
 
     def generate(self, label: str = "records"):
         """``cai.generate.runner.Progress``: records done (a record is done when all its stages are), the stage

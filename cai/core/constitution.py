@@ -184,7 +184,7 @@ def _cross_checks(c: Constitution, source: str, lines: dict[tuple, int]) -> list
     return issues
 
 
-def _issue_from_pydantic(err: dict, source: str, lines: dict[tuple, int]) -> Issue:
+def _issue_from_pydantic(err: Any, source: str, lines: dict[tuple, int]) -> Issue:
     loc = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":

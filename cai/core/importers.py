@@ -99,7 +99,7 @@ def import_anthropic(path: str | Path, name: str | None = None) -> Constitution:
         raise ConstitutionError(f"cannot import {shown}",
                                 [Issue('expected an object like {"harmful0": {"prompt": [...], "edit_request": ...}}',
                                        shown)])
-    principles = []
+    principles: list[dict[str, str]] = []
     issues: list[Issue] = []
     for key, item in data.items():
         prompt = item.get("prompt") if isinstance(item, dict) else None

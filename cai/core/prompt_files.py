@@ -9,10 +9,12 @@ line and skipped (or, with ``strict``, stops the load); the good rows are kept.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cai.core.errors import Issue, PromptFileError, display_path
 from cai.core.prompts import Message
@@ -172,6 +174,6 @@ def _check_messages(value: Any) -> list[Message]:
     turns = [m["role"] for m in out if m["role"] != "system"]
     if not turns or turns[-1] != "user":
         raise ValueError("the conversation must end with a user turn (the one to answer)")
-    if any(a == b for a, b in zip(turns, turns[1:])):
+    if any(a == b for a, b in itertools.pairwise(turns)):
         raise ValueError("user and assistant turns must alternate")
     return out

@@ -22,10 +22,12 @@ exemplars are shown there.
 
 from __future__ import annotations
 
+from typing import Any
+
 from typing_extensions import TypedDict
 
-from cai.core.hashing import content_digest
 from cai.core.constitution import Constitution, Exemplar, Principle
+from cai.core.hashing import content_digest
 
 # Bump when the layout above changes: it is part of every record's key, so old records are not passed off as new.
 PROMPT_FORMAT = "cai-prompts-1"
@@ -83,12 +85,12 @@ def revise_messages(constitution: Constitution, conversation: list[Message], ans
 def frame_sha256(constitution: Constitution) -> str:
     """Hash of everything around the drawn principles that shapes the prompts: the system prompt, the exemplars, the
     requests of the principles that exemplars name without requests of their own (such an exemplar shows them in
-    every critique and revise prompt) and the prompt layout. Part of every record key, so a changed exemplar (or a principle an
-    exemplar names) invalidates every record, while any other changed principle invalidates only the records that
-    drew it."""
+    every critique and revise prompt) and the prompt layout. Part of every record key, so a changed exemplar (or a
+    principle an exemplar names) invalidates every record, while any other changed principle invalidates only the
+    records that drew it."""
     shown = {e.principle: constitution.principle(e.principle) for e in constitution.exemplars
              if e.principle and not (e.critique_request and e.revision_request)}
-    frame = {"format": PROMPT_FORMAT, "system_prompt": constitution.system_prompt,
+    frame: dict[str, Any] = {"format": PROMPT_FORMAT, "system_prompt": constitution.system_prompt,
              "exemplars": [e.canonical() for e in constitution.exemplars]}
     if shown:
         frame["exemplar_requests"] = {pid: [p.critique, p.revision] for pid, p in sorted(shown.items())}

@@ -36,9 +36,9 @@ from pathlib import Path
 from cai.core.errors import DataError
 from cai.core.files import write_bytes_atomic, write_json_atomic
 from cai.core.hashing import content_digest, seeded_order, sha256_hex
+from cai.core.record import FLAGS, Record, read_records
 from cai.data.card import Card, constitutions_of, render_card
 from cai.data.helpful import HelpfulSource, helpful_needed
-from cai.core.record import FLAGS, Record, read_records
 from cai.resources import HELPFUL
 from cai.run import RunFolder
 
@@ -116,7 +116,8 @@ def dpo_row(record: Record, allow: set[str]) -> tuple[dict | None, str | None]:
         return None, bad
     if " ".join(record.final.split()) == " ".join(record.initial.split()):
         return None, "no_pair"
-    return {"prompt": _conversation(record), "chosen": [_assistant(record.final)], "rejected": [_assistant(record.initial)]}, None
+    return {"prompt": _conversation(record), "chosen": [_assistant(record.final)],
+            "rejected": [_assistant(record.initial)]}, None
 
 
 def _group(row: dict) -> str:
@@ -217,7 +218,7 @@ def build_datasets(run: str | Path | RunFolder, options: BuildOptions | None = N
 
     # one split for every file: a prompt held out of SFT is held out of DPO too
     test_groups = split_groups([_group(r) for r in sft + dpo + helpful_rows], opts.test_size, opts.seed)
-    out_rows = {name: [] for name in FILES}
+    out_rows: dict[str, list[dict]] = {name: [] for name in FILES}
     for kind, rows in (("sft", sft + helpful_rows), ("dpo", dpo)):
         for row in rows:
             out_rows[f"{kind}_{'test' if _group(row) in test_groups else 'train'}"].append(row)

@@ -5,8 +5,9 @@ own: resumable, and reused by later builds."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cai.core.errors import DataError
 from cai.core.hashing import seeded_order
@@ -28,8 +29,8 @@ def helpful_from_run(run: str | Path | RunFolder, prompts: str, seed: int, make_
     folder are reused. ``make_backend(kind, model)`` builds the backend (only when something is left to answer)."""
     from cai.backends.base import Sampling
     from cai.core.constitution import load_constitution
-    from cai.generate.runner import run_generate
     from cai.core.prompt_files import load_prompts
+    from cai.generate.runner import run_generate
 
     folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
 

@@ -193,7 +193,7 @@ def _plot_principles(report: dict) -> str:
         rs = [report["harmlessness"][m]["per_principle"][p] for p in pids]
         ys = [i + j * height for i in range(len(pids))]
         xs = [r["rate"] or 0.0 for r in rs]
-        errs = list(zip(*[_err(r) for r in rs])) if rs else [[], []]
+        errs: list = list(zip(*[_err(r) for r in rs])) if rs else [[], []]
         ax.barh(ys, xs, height=height, xerr=errs, color=COLORS[j % len(COLORS)], label=m, capsize=2)
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(pids))], pids)
     ax.invert_yaxis()

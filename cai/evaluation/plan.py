@@ -162,7 +162,8 @@ def _training_groups(run: Path) -> tuple[set[str], set[str], dict | None]:
     if not (data / "card.json").exists():
         return set(), set(), None
     card = read_card(run)
-    trained, test = set(), set()
+    trained: set[str] = set()
+    test: set[str] = set()
     for name in card.get("files", {}):
         target = trained if "_train" in name else test
         for line in (data / name).read_text(encoding="utf-8").splitlines():

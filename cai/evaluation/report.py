@@ -3,13 +3,14 @@ few sentences the terminal prints (``summary_lines``). Pure: it reads answers an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 from cai import __version__
+from cai.core.record import read_records
 from cai.evaluation.judge import Judge, questions_sha256
 from cai.evaluation.plan import BASE, THRESHOLD, EvalOptions, EvalPlan
-from cai.core.record import read_records
 from cai.evaluation.stats import cluster_bootstrap_ci, collapse_flags, diversity, has_refusal_phrase, rate
 
 
@@ -174,6 +175,6 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
-def _mean(xs: list[float | None]) -> float | None:
+def _mean(xs: Sequence[float | None]) -> float | None:
     vals = [x for x in xs if x is not None]
     return round(sum(vals) / len(vals), 4) if vals else None

@@ -1,7 +1,8 @@
 """``cai eval``: does the fine-tune make the model more harmless without making it evasive?
 
 For a run folder, the base model and each finished adapter answer the same held-out prompts; a judge
-(:mod:`cai.evaluation.judge`) reads yes/no probabilities; the figures go to ``RUN/eval/report.json`` and ``report.html``.
+(:mod:`cai.evaluation.judge`) reads yes/no probabilities; the figures go to ``RUN/eval/report.json`` and
+``report.html``.
 
 What is measured (every rate with a 95% interval):
 
@@ -29,8 +30,9 @@ nothing new only rebuilds the report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from cai.backends.base import Sampling
 from cai.core.files import KeyedLog, folder_lock, write_bytes_atomic, write_json_atomic
@@ -118,7 +120,7 @@ def _judge_jobs(plan: EvalPlan, answers: dict[str, dict[str, str]]) -> dict[tupl
         texts = [r.initial] + [x.revision for x in r.rounds]
         for stage, text in enumerate(texts):
             for p in drawn:
-                jobs[("rounds", str(stage), r.id, p.id)] = judge_prompt([dict(m) for m in r.messages], text,
+                jobs[("rounds", str(stage), r.id, p.id)] = judge_prompt(list(r.messages), text,
                                                                         principle_question(p))
     return jobs
 

@@ -14,10 +14,11 @@ the cache; only that round and the rounds after it are generated again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Coroutine
+from collections.abc import Generator as Gen
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Coroutine, Protocol, runtime_checkable
-from typing import Generator as Gen
+from typing import Any, Protocol, runtime_checkable
 
 from cai import __version__
 from cai.backends.base import Backend, Completion, Sampling
@@ -25,9 +26,9 @@ from cai.core.constitution import Constitution
 from cai.core.errors import Issue
 from cai.core.prompt_files import PromptItem
 from cai.core.prompts import PROMPT_FORMAT, Message, critique_messages, frame_sha256, respond_messages, revise_messages
+from cai.core.record import Record, Round
 from cai.generate.checks import check_output
 from cai.generate.planner import Plan, batch_seed, draw_principles, record_key, stage_key, stage_seed
-from cai.core.record import Record, Round
 
 
 @dataclass(frozen=True)

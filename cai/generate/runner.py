@@ -11,23 +11,22 @@ changed. ``dry_run`` says what a run would do, calling nothing and writing nothi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from cai import __version__
 from cai.backends.base import Backend
 from cai.core.constitution import Constitution
 from cai.core.errors import ContextLengthError, RunFolderError, display_path
-from cai.run import RUN_FILE, ConstitutionRef, RunFolder, RunInfo
 from cai.core.files import read_jsonl
 from cai.core.prompt_files import PromptItem
 from cai.core.record import Record
 from cai.generate.generator import Generator, MemoryStageCache, StageEvent
 from cai.generate.planner import Plan
 from cai.generate.store import open_store, read_stage_cache
-
+from cai.run import RUN_FILE, ConstitutionRef, RunFolder, RunInfo
 
 
 @dataclass
@@ -178,7 +177,7 @@ def dry_run(*, constitution: Constitution, items: list[PromptItem], backend: Bac
 
 def _superseded_prompts(out: Path) -> set[str]:
     """Prompts with an old record in superseded.jsonl: generating them again counts as regenerating."""
-    return {obj.get("prompt_id") for _, obj in read_jsonl(out / "superseded.jsonl")}
+    return {str(obj["prompt_id"]) for _, obj in read_jsonl(out / "superseded.jsonl") if obj.get("prompt_id")}
 
 
 def run_generate(*, constitution: Constitution, items: list[PromptItem], backend: Backend, out: str | Path,

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from cai.backends.base import Completion
 from cai.core.errors import RunFolderError, display_path

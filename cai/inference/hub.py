@@ -56,7 +56,7 @@ def unreachable(url: str | None = None) -> str | None:
             return None
     try:
         get_session().head(url, timeout=PROBE_TIMEOUT_S)
-    except Exception as e:  # noqa: BLE001 - every transport's errors differ; any failure means "not reachable"
+    except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         log.debug("hub probe %s failed: %s", url, reason)
         return reason
@@ -71,7 +71,7 @@ def cached_snapshot(model_id: str, revision: str | None) -> Path | None:
 
     try:
         found = try_to_load_from_cache(model_id, "config.json", revision=revision)
-    except Exception:  # noqa: BLE001 - a malformed id or cache: treat as not cached
+    except Exception:
         return None
     return Path(found).parent if isinstance(found, str) else None
 

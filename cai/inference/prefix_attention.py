@@ -37,7 +37,7 @@ class SuffixCache(DynamicCache):
 
     def __init__(self, config, prefix: DynamicCache):
         super().__init__(config=config)
-        self.prefix_layers = [(layer.keys, layer.values) for layer in prefix.layers]
+        self.prefix_layers = [(layer.keys, layer.values) for layer in prefix.layers]  # type: ignore[union-attr]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -71,7 +71,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     scores_p = torch.matmul(qp, pk[0].transpose(-1, -2)).view(kvh, b, g * q, p).transpose(0, 1)
     scores_s = torch.matmul(qg, sk.transpose(-1, -2))   # (b, kvh, g*q, s)
     scores = torch.cat([scores_p, scores_s], dim=-1).float() * scale
-    scores[..., p:] = scores[..., p:].masked_fill(~_suffix_mask(attention_mask, b, g, q, s, query.device), float("-inf"))
+    hidden = ~_suffix_mask(attention_mask, b, g, q, s, query.device)
+    scores[..., p:] = scores[..., p:].masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(value.prefix.dtype)
 
     probs_p = probs[..., :p].transpose(0, 1).reshape(kvh, b * g * q, p)

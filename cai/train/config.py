@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.core.safe_yaml import yaml_with_lines
 from cai.core.errors import ConfigError, Issue, display_path
+from cai.core.safe_yaml import yaml_with_lines
 from cai.resources import recipe_path
 from cai.run import RunFolder
 from cai.train.manifest import jsonable

@@ -18,6 +18,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from cai.core.errors import TrainingError, display_path
 
@@ -50,7 +51,7 @@ def generation_eos(path: str, revision: str | None, tok) -> list[int]:
     from transformers import GenerationConfig
 
     try:
-        gen = GenerationConfig.from_pretrained(path, revision=revision)
+        gen = GenerationConfig.from_pretrained(path, revision=revision or "main")
         eos = gen.eos_token_id
     except OSError:
         eos = None
@@ -62,7 +63,7 @@ class NonFiniteLoss(TrainingError):
     pass
 
 
-def guarded(trainer_cls):
+def guarded(trainer_cls: Any) -> Any:
     """The trainer class with two guards on every step: a non-finite loss stops training before the optimizer step
     (so no checkpoint ever holds the poisoned weights), and a GPU out-of-memory says which settings to lower."""
     import torch

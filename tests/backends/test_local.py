@@ -9,10 +9,19 @@ import pytest
 from cai.backends.base import Sampling
 from cai.cli import main
 from cai.core.errors import ContextLengthError, ModelError
-from cai.generate.runner import run_generate
 from cai.core.prompts import critique_messages
-from conftest import (LONG, MEDIUM, SHORT, build_tiny_model, copy_model_without_chat_template, items_from,
-                      make_constitution, prompt_rows)
+from cai.generate.runner import run_generate
+
+from conftest import (
+    LONG,
+    MEDIUM,
+    SHORT,
+    build_tiny_model,
+    copy_model_without_chat_template,
+    items_from,
+    make_constitution,
+    prompt_rows,
+)
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=8)
 
@@ -41,7 +50,7 @@ def test_the_dtype_is_chosen_by_the_hardware_only_when_asked(monkeypatch):
     assert choose_dtype("cpu", "bfloat16") is torch.bfloat16 and choose_dtype("cpu", "float16") is torch.float16
     assert choose_dtype("cpu") is torch.float32                  # the library's default on CPU: fp32, always
     for has_bf16 in (True, False):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda has=has_bf16: has)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         assert native_bf16("cpu") is has_bf16
         assert choose_dtype("cpu", "auto") is (torch.bfloat16 if has_bf16 else torch.float32)
@@ -297,7 +306,8 @@ def test_shared_prefix_attention_logits_equal_full_attention(tiny_model_dir):
             full_mask = torch.cat([full_mask, torch.ones(3, 1, dtype=torch.long)], 1)
             positions = positions[:, -1:] + 1
             full_pos = full_pos[:, -1:] + 1
-            shared = lm(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1]
+            shared = lm(input_ids=step, attention_mask=mask, position_ids=positions,
+                        past_key_values=cache).logits[:, -1]
             ref = lm(input_ids=step, attention_mask=full_mask, position_ids=full_pos,
                      past_key_values=ref_cache).logits[:, -1]
             torch.testing.assert_close(shared, ref, atol=1e-4, rtol=1e-4)

@@ -10,15 +10,16 @@ import sys
 import time
 
 import pytest
+from fixtures.fault_server import FaultServer
 
 from cai.backends.base import Sampling
 from cai.backends.openai import AuthError, EndpointError, OpenAIBackend
 from cai.cli import main
-from cai.generate.runner import run_generate
 from cai.core.files import read_jsonl
 from cai.core.record import read_records
+from cai.generate.runner import run_generate
+
 from conftest import REPO, constitution_yaml, items_from, make_constitution, prompt_rows, subprocess_env, write_prompts
-from fixtures.fault_server import FaultServer
 
 FAST = dict(backoff_base=0.01, backoff_max=0.5, timeout=2.0, first_cooldown=0.3)
 SAMPLING = Sampling(temperature=0.0, max_new_tokens=32)

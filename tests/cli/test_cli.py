@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from cai.cli import main
+
 from conftest import REPO, prompt_rows, subprocess_env
 
 

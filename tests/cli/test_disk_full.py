@@ -8,9 +8,10 @@ import json
 import os
 
 import pytest
-from conftest import prompt_rows
 
 from cai.cli import main
+
+from conftest import prompt_rows
 
 
 def _fill_disk_after(monkeypatch, writes: int, code: int = errno.ENOSPC) -> list[int]:

@@ -10,6 +10,7 @@ import yaml
 from cai.cli import main
 from cai.core.constitution import Constitution, load_constitution, parse_constitution
 from cai.core.errors import ConstitutionError
+
 from conftest import REPO, constitution_yaml
 
 SHIPPED = sorted((REPO / "constitution").glob("**/*.yaml"))

@@ -8,8 +8,8 @@ import pytest
 
 from cai.cli import main
 from cai.core.constitution import load_constitution
-from cai.core.importers import import_anthropic, import_hf
 from cai.core.errors import ConstitutionError
+from cai.core.importers import import_anthropic, import_hf
 
 HF_PRINCIPLES = [
     {"critic": "Identify specific ways in which the response is harmful.", "revision": "Rewrite it to be harmless."},

@@ -9,6 +9,7 @@ import pytest
 from cai.core.errors import PromptFileError
 from cai.core.prompt_files import load_prompts
 from cai.core.prompts import critique_messages, frame_sha256, respond_messages, revise_messages
+
 from conftest import REPO, make_constitution
 
 MULTI = [

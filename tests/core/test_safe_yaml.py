@@ -12,10 +12,11 @@ import pytest
 import cai.core.safe_yaml as cc
 from cai.cli import main
 from cai.core.constitution import load_constitution, parse_constitution
+from cai.core.errors import ConfigError, ConstitutionError
 from cai.core.importers import import_anthropic, import_hf
 from cai.core.safe_yaml import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, yaml_with_lines
-from cai.core.errors import ConfigError, ConstitutionError
 from cai.resources import constitution_path
+
 from conftest import constitution_yaml
 
 

@@ -15,14 +15,15 @@ from cai.backends.base import Sampling
 from cai.backends.fake import FakeBackend
 from cai.cli import main
 from cai.core.constitution import load_constitution
+from cai.core.errors import DataError, RunFolderError
+from cai.core.prompt_files import load_prompts
+from cai.core.record import Record, read_records
 from cai.data.build import BuildOptions, build_datasets, read_run
 from cai.data.card import check_files
 from cai.data.helpful import helpful_from_run
-from cai.core.errors import DataError, RunFolderError
-from cai.generate.runner import run_generate
 from cai.generate.generator import Generator
-from cai.core.prompt_files import load_prompts
-from cai.core.record import Record, read_records
+from cai.generate.runner import run_generate
+
 from conftest import constitution_yaml, items_from, prompt_rows, write_prompts
 
 SAMPLING = Sampling(max_new_tokens=64)
@@ -318,6 +319,7 @@ def test_the_split_of_a_prompt_is_stable_when_prompts_are_added(tmp_path):
     moved_in = before_train & after_test
     assert not moved_out and not moved_in, (f"{len(moved_out)} prompts moved from test to train, "
                                             f"{len(moved_in)} from train to test")
+    assert before_train <= after_train
 
 
 def test_test_size_zero_writes_empty_test_files(clean_run, tmp_path):

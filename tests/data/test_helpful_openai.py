@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
-from cai.cli import main
-from conftest import constitution_yaml, prompt_rows, write_prompts
 from fixtures.fault_server import FaultServer
+
+from cai.cli import main
+
+from conftest import constitution_yaml, prompt_rows, write_prompts
 
 
 def _generate(tmp_path, url: str) -> tuple:

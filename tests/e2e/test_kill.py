@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cai.cli import main
+
 from conftest import REPO, constitution_yaml, prompt_rows, subprocess_env, write_prompts
 
 N_PROMPTS = 40

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import constitution_yaml, prompt_rows, subprocess_env, write_prompts
 
 # what a library's warning looks like on stderr: "FutureWarning: ...", "UserWarning", "WARNING transformers ..."

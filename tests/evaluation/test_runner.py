@@ -7,10 +7,11 @@ import json
 import math
 
 import pytest
+from fixtures.fault_server import FaultServer
 
 from cai.cli import main
+
 from conftest import REPO
-from fixtures.fault_server import FaultServer
 
 RED_TEAM = REPO / "data" / "prompts" / "red_team.jsonl"
 HELPFUL = REPO / "data" / "prompts" / "helpful.jsonl"
@@ -279,7 +280,7 @@ def test_a_run_without_adapters_evaluates_the_base_alone_and_says_so(trained_run
     run = tmp_path / "noadapter"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("adapters", "eval"))
     monkeypatch.chdir(REPO)
-    rc, out, err = _cli(["eval", run, *EVAL_SMALL, "--helpful", "0", "--records", "0"], capsys)
+    rc, _, err = _cli(["eval", run, *EVAL_SMALL, "--helpful", "0", "--records", "0"], capsys)
     assert rc == 0, err
     assert "no trained adapter" in err and "base model is evaluated alone" in err
     report = json.loads((run / "eval" / "report.json").read_text())

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
 
 from cai.backends.base import Completion, Sampling
 from cai.backends.fake import FakeBackend
-from cai.generate.runner import run_generate
+from cai.core.record import Record, read_records
 from cai.generate.checks import check_output, is_echo
 from cai.generate.generator import Generator
 from cai.generate.planner import draw_principles, record_key
-from cai.core.record import Record, read_records
+from cai.generate.runner import run_generate
+
 from conftest import constitution_yaml, items_from, make_constitution, prompt_rows
 
 
@@ -58,7 +60,7 @@ def test_more_rounds_than_principles_cycles_without_immediate_repeats():
         drawn = draw_principles(c, f"q{i}", 0, 7)
         assert len(drawn) == 7
         assert set(drawn[0:3]) == set(c.ids) and set(drawn[3:6]) == set(c.ids)
-        assert all(a != b for a, b in zip(drawn, drawn[1:]))
+        assert all(a != b for a, b in itertools.pairwise(drawn))
 
 
 def test_single_principle_many_rounds():
@@ -226,7 +228,7 @@ def test_each_round_revises_the_previous_revision():
 
     gen = Generator(make_constitution(4), Spy(), rounds=2)
     rec = gen.run_batch(gen.plan(items_from(prompt_rows(1))))[0]
-    respond, crit1, rev1, crit2, rev2 = (b[0] for b in seen)
+    _, crit1, _, crit2, rev2 = (b[0] for b in seen)
     assert crit1[-2] == {"role": "assistant", "content": rec.initial}
     assert crit2[-2] == {"role": "assistant", "content": rec.rounds[0].revision}
     assert rev2[-2] == {"role": "assistant", "content": rec.rounds[1].critique}

