@@ -67,9 +67,26 @@ def load_prompts(spec: str | Path, *, strict: bool = False, split: str = "train"
     return result
 
 
+MAX_LINE_BYTES = 16 << 20      # one prompt row; a longer line is reported and skipped, never read whole
+_UTF8_BOM = b"\xef\xbb\xbf"       # Windows editors start UTF-8 files with it
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def _jsonl_rows(path: Path, shown: str) -> Iterable[tuple[str, int, Any]]:
     with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, start=1):
+        head = fh.read(3)
+        if head.startswith(_UTF16_BOMS):
+            raise PromptFileError(f"{shown} is UTF-16 text; prompt files are UTF-8",
+                                  hint="Save it as UTF-8 (in most editors: Save as, Encoding: UTF-8).")
+        fh.seek(len(_UTF8_BOM) if head == _UTF8_BOM else 0)
+        n = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            n += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := fh.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass                                # skip the rest of the line in bounded pieces
+                yield shown, n, Issue(f"line longer than {MAX_LINE_BYTES / 2**20:g} MiB", shown, n)
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
