@@ -12,7 +12,6 @@ kept and how to go on.
 from __future__ import annotations
 
 import contextlib
-import errno
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -21,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError, display_path
+from cai.core.files import disk_full_errno
 
 RESUME = "run the same command again to continue"
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class Interrupted(KeyboardInterrupt):
@@ -55,7 +54,7 @@ def resumable(kept: str, resume: str = RESUME, interrupt: bool = True) -> Iterat
             raise
         raise Interrupted(kept, resume) from None
     except OSError as e:
-        if e.errno in DISK_FULL_ERRNOS:
+        if disk_full_errno(e) is not None:
             raise DiskFull(e, kept, resume) from e
         raise
 

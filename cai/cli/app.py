@@ -8,7 +8,6 @@ disk in one clear message (what was kept, how to go on) and exit status 1; Ctrl-
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 
 from cai import __version__
@@ -25,11 +24,11 @@ from cai.cli import (
 )
 from cai.cli.console import console, escape, print_error
 from cai.core.errors import CaiError, display_path
+from cai.core.files import disk_full_errno
 
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 # the order of `cai --help`
 COMMANDS = (validate, constitution, generate, demo, data, train, evaluate, merge, serve)
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_interrupted(e)
         return EXIT_INTERRUPTED
     except OSError as e:
-        if e.errno not in DISK_FULL_ERRNOS:
+        if disk_full_errno(e) is None:
             raise
         _print_disk_full(e)
         return EXIT_FAILURE

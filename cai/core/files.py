@@ -8,9 +8,11 @@ renamed over the old one). ``folder_lock`` keeps two cai processes out of one fo
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,3 +156,39 @@ def folder_lock(root: Path, what: str, hint: str = "Wait for it to finish.") -> 
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full disk
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded", "storagefull", "os error 28", "errno 28")
+# torch.save on a full disk says only "file write failed" / "unexpected pos"; it counts as a full disk when the
+# filesystem it wrote to has less than this left
+_NEARLY_FULL_BYTES = 64 * 2**20
+_WRITE_FAILED_WORDS = ("file write failed", "unexpected pos", "iostream error", "error while serializing")
+
+
+def disk_full_errno(e: BaseException, folder: Path | None = None) -> int | None:
+    """``ENOSPC``/``EDQUOT`` when ``e`` (or what caused it) is a write that failed for want of space. Libraries that
+    do not raise OSError are recognised by their words; a short write with no reason counts only when ``folder``'s
+    disk is nearly full."""
+    seen: set[int] = set()
+    chain: BaseException | None = e
+    texts = []
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, OSError) and chain.errno in DISK_FULL_ERRNOS:
+            return chain.errno
+        texts.append(str(chain).lower())
+        chain = chain.__cause__ or chain.__context__
+    text = " ".join(texts)
+    if any(w in text for w in _DISK_FULL_WORDS):
+        return errno.EDQUOT if "quota" in text else errno.ENOSPC
+    if folder is not None and any(w in text for w in _WRITE_FAILED_WORDS):
+        try:
+            if shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:
+                return errno.ENOSPC
+        except OSError:
+            pass
+    return None

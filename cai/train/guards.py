@@ -12,15 +12,14 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cai.core.errors import TrainingError, display_path
+from cai.core.files import disk_full_errno
 
 
 def check_chat_template(tok, generation_eos: list[int], model_name: str) -> None:
@@ -108,37 +107,6 @@ def guarded(trainer_cls: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # A full disk
 
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded", "storagefull", "os error 28", "errno 28")
-# torch.save on a full disk says only "file write failed" / "unexpected pos"; it counts as a full disk when the
-# filesystem it wrote to has less than this left
-_NEARLY_FULL_BYTES = 64 * 2**20
-_WRITE_FAILED_WORDS = ("file write failed", "unexpected pos", "iostream error", "error while serializing")
-
-
-def _disk_full_errno(e: BaseException, folder: Path) -> int | None:
-    """``ENOSPC``/``EDQUOT`` when ``e`` (or what caused it) is a write that failed for want of space."""
-    seen: set[int] = set()
-    chain: BaseException | None = e
-    texts = []
-    while chain is not None and id(chain) not in seen:
-        seen.add(id(chain))
-        if isinstance(chain, OSError) and chain.errno in _DISK_FULL_ERRNOS:
-            return chain.errno
-        texts.append(str(chain).lower())
-        chain = chain.__cause__ or chain.__context__
-    text = " ".join(texts)
-    if any(w in text for w in _DISK_FULL_WORDS):
-        return errno.EDQUOT if "quota" in text else errno.ENOSPC
-    if any(w in text for w in _WRITE_FAILED_WORDS):
-        try:
-            if shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:
-                return errno.ENOSPC
-        except OSError:
-            pass
-    return None
-
-
 @contextlib.contextmanager
 def disk_full_as_oserror(folder: Path, kept: Callable[[], str]) -> Iterator[None]:
     """Inside the block, a write that fails for want of space (whatever the library calls it) is raised as
@@ -149,7 +117,7 @@ def disk_full_as_oserror(folder: Path, kept: Callable[[], str]) -> Iterator[None
     except (KeyboardInterrupt, TrainingError):
         raise
     except Exception as e:
-        code = e.errno if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS else _disk_full_errno(e, folder)
+        code = disk_full_errno(e, folder)
         if code is None:
             raise
         filename = e.filename if isinstance(e, OSError) and e.filename else str(folder)

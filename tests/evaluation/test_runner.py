@@ -270,6 +270,40 @@ def test_a_torn_judgement_line_is_cut_off_and_recomputed(tmp_path):
     assert KeyedLog(tmp_path / "j.jsonl").values == {"a": 0.25, "b": 0.75, "c": 0.5}
 
 
+def test_a_full_disk_during_eval_keeps_what_was_judged_and_resumes(trained_run, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+    import shutil
+
+    run = tmp_path / "full"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval"))
+    monkeypatch.chdir(REPO)
+    argv = ["eval", run, *EVAL_SMALL, "--helpful", "0", "--records", "0"]
+    real, calls = os.write, [0]
+
+    def write(fd, data):                      # the eval logs' appends: the disk fills after a few
+        calls[0] += 1
+        if calls[0] > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", write)
+        rc, _, err = _cli(argv, capsys)
+    err = " ".join(err.split())
+    assert calls[0] > 3, "the disk never filled up"
+    assert rc == 1 and "Traceback" not in err
+    assert "the disk is full" in err and "answers and judgements so far are saved in" in err
+    kept = (run / "eval" / "answers.jsonl").read_bytes()
+    assert kept and kept.endswith(b"\n")
+    assert not (run / "eval" / "report.json").exists()
+
+    rc, _, err = _cli(argv, capsys)
+    assert rc == 0, err
+    assert (run / "eval" / "answers.jsonl").read_bytes().startswith(kept)     # kept, not redone
+    assert json.loads((run / "eval" / "report.json").read_text())["models"] == ["base", "sft"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad inputs
 

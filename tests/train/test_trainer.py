@@ -618,3 +618,58 @@ def test_merge_of_a_folder_that_is_not_an_adapter_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not an adapter folder" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full disk while a checkpoint is saved
+
+
+@pytest.mark.parametrize("failure", ["torch.save", "safetensors"])
+def test_a_full_disk_during_a_checkpoint_is_a_clear_message_then_resumes(base_run, tiny_model_dir, tmp_path,
+                                                                          monkeypatch, capsys, failure):
+    """torch.save reports a short write only as "unexpected pos" (the disk is looked at), safetensors in words: both
+    end in the CLI's full-disk message; the incomplete checkpoint is skipped and the next run resumes before it."""
+    import shutil as real_shutil
+    from collections import namedtuple
+
+    import peft.peft_model
+    import safetensors
+    import torch
+
+    import cai.core.files
+
+    run = copy_run(base_run, tmp_path / "run")
+    flags = small_flags(tiny_model_dir)                 # 4 steps, a checkpoint every 2
+    real_save, real_st = torch.save, peft.peft_model.safe_save_file       # how PEFT writes the adapter
+
+    def full_at_step_4(path) -> bool:
+        return f"checkpoint-{SFT_STEPS}" in str(path)
+
+    def torch_save(obj, f, *a, **k):
+        if failure == "torch.save" and full_at_step_4(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_save(obj, f, *a, **k)
+
+    def st_save(tensors, filename, *a, **k):
+        if failure == "safetensors" and full_at_step_4(filename):
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device "
+                                              "(os error 28)")
+        return real_st(tensors, filename, *a, **k)
+
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", torch_save)
+        m.setattr(peft.peft_model, "safe_save_file", st_save)
+        m.setattr(cai.core.files.shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
+        rc = main(["train", "sft", str(run), *flags])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 1, err
+    assert "Traceback" not in err and "the disk is full" in err and "checkpoints are in" in err
+    assert "run the same command again to resume" in err
+    out = run / "adapters" / "sft"
+    assert not (out / "manifest.json").exists()
+    assert real_shutil.disk_usage(tmp_path).free > 1 << 20       # the real disk was never full: it was the patch
+
+    assert main(["train", "sft", str(run), *flags]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_from_step"] == 2 and manifest["steps"] == SFT_STEPS
