@@ -147,6 +147,10 @@ def generate(job: GenerateJob, ui: Ui | None = None, dry_run: bool = False):
     from cai.generate.runner import run_generate
 
     ui = ui or Ui()
+    if not job.constitution.principles:
+        raise CaiError(f"constitution {job.constitution.name} has no principles to critique and revise with (only "
+                       "preference principles)", hint="Give cai generate a constitution with principles; this one "
+                       "labels preferences (cai label --constitution FILE).")
     prompts = load_prompts(job.prompts, strict=job.strict, split=job.split)
     for issue in prompts.issues[:20]:
         ui.note(str(issue), label="skipped")

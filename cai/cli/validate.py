@@ -43,9 +43,13 @@ def run(ns: argparse.Namespace) -> int:
             print_error(e)
             continue
         shown = display_path(spec) if Path(spec).exists() else f"{spec} ({display_path(path)})"
+        rl = (f", {len(c.preference_principles)} preference principles, {len(c.preference_exemplars)} preference "
+              "exemplars" if c.preference_principles else "")
         out.print(f"[green]ok[/] {shown}: {c.name} v{c.version}, {len(c.principles)} principles, "
-                  f"{len(c.exemplars)} exemplars, sha256 {c.sha256[:16]}", soft_wrap=True)
+                  f"{len(c.exemplars)} exemplars{rl}, sha256 {c.sha256[:16]}", soft_wrap=True)
         if a.hashes:
             for p in c.principles:
                 out.print(f"   {p.sha256[:16]}  {p.id}")
+            for q in c.preference_principles:
+                out.print(f"   {q.sha256[:16]}  {q.id} (preference)")
     return EXIT_USER_ERROR if failed else 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -83,13 +83,52 @@ class Exemplar(_Strict):
         return data
 
 
+class PreferencePrinciple(_Strict):
+    """A multiple-choice question for AI feedback (the paper's RL phase): "Which of these assistant responses is less
+    harmful? Choose the response that ...". The options follow it; the text may end with "Options:" (Anthropic's
+    files do) or not (then "Options:" is added)."""
+
+    id: Annotated[str, Field(pattern=ID_PATTERN, max_length=80)]
+    text: Text
+    tags: list[Text] = Field(default_factory=list)
+    weight: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+
+    @property
+    def sha256(self) -> str:
+        """Hash of what the feedback model sees (id and text): an edit relabels only the pairs that drew it."""
+        return _sha256({"id": self.id, "text": self.text})
+
+
+class PreferenceExemplar(_Strict):
+    """A worked multiple-choice example shown before each comparison: a conversation, a better and a worse answer,
+    and optionally the reasoning a chain-of-thought labeller should write and the principle it is asked under
+    (else the comparison's own principle)."""
+
+    prompt: Text | None = None                  # a one-turn conversation: the user's message
+    messages: list[dict[str, str]] | None = None  # or a whole conversation, ending with the user's turn
+    better: Text
+    worse: Text
+    reasoning: Text | None = None
+    principle: str | None = None
+    better_option: Literal["A", "B"] | None = None   # where the better answer is shown; None: balanced by a seed
+                                                     # (set it when the reasoning names a letter)
+
+    def conversation(self) -> list[dict[str, str]]:
+        return list(self.messages) if self.messages else [{"role": "user", "content": self.prompt or ""}]
+
+    def canonical(self) -> dict:
+        return {k: v for k, v in self.model_dump(mode="json").items() if v is not None}
+
+
 class Constitution(_Strict):
     name: Annotated[str, Field(pattern=ID_PATTERN, max_length=80)]
     version: str
     description: str = ""
     system_prompt: str | None = None
-    principles: Annotated[list[Principle], Field(min_length=1)]
+    principles: list[Principle] = Field(default_factory=list)
     exemplars: list[Exemplar] = Field(default_factory=list)
+    preference_principles: list[PreferencePrinciple] = Field(default_factory=list)
+    preference_exemplars: list[PreferenceExemplar] = Field(default_factory=list)
 
     @field_validator("version", mode="before")
     @classmethod
@@ -100,7 +139,13 @@ class Constitution(_Strict):
 
     @property
     def sha256(self) -> str:
-        return _sha256(self.model_dump(mode="json") | {"exemplars": [e.canonical() for e in self.exemplars]})
+        data = self.model_dump(mode="json") | {"exemplars": [e.canonical() for e in self.exemplars]}
+        for key in ("preference_principles", "preference_exemplars"):   # absent when empty: older files keep
+            if not data[key]:                                             # the hashes their records carry
+                del data[key]
+        if self.preference_exemplars:
+            data["preference_exemplars"] = [e.canonical() for e in self.preference_exemplars]
+        return _sha256(data)
 
     @property
     def principle_sha256(self) -> dict[str, str]:
@@ -115,6 +160,16 @@ class Constitution(_Strict):
     @property
     def ids(self) -> list[str]:
         return [p.id for p in self.principles]
+
+    def preference_principle(self, principle_id: str) -> PreferencePrinciple:
+        for p in self.preference_principles:
+            if p.id == principle_id:
+                return p
+        raise KeyError(principle_id)
+
+    @property
+    def preference_ids(self) -> list[str]:
+        return [p.id for p in self.preference_principles]
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
@@ -154,12 +209,13 @@ def parse_constitution(text: str, source: str = "<string>") -> Constitution:
             f"invalid constitution {source}",
             [Issue("the top level must be a mapping with name, version, principles, ...", source, 1)],
         )
+    empty = _no_principles(data, source, lines)
     try:
         constitution = Constitution.model_validate(data)
     except ValidationError as e:
         issues = [_issue_from_pydantic(err, source, lines) for err in e.errors()]
-        raise ConstitutionError(f"invalid constitution {source}", issues) from None
-    issues = _cross_checks(constitution, source, lines)
+        raise ConstitutionError(f"invalid constitution {source}", sorted(issues + empty, key=_by_line)) from None
+    issues = empty + _cross_checks(constitution, source, lines)
     if issues:
         raise ConstitutionError(f"invalid constitution {source}", issues)
     return constitution
@@ -167,21 +223,58 @@ def parse_constitution(text: str, source: str = "<string>") -> Constitution:
 
 def _cross_checks(c: Constitution, source: str, lines: dict[tuple, int]) -> list[Issue]:
     issues: list[Issue] = []
-    seen: dict[str, int] = {}
-    for i, p in enumerate(c.principles):
-        loc = ("principles", i, "id")
-        if p.id in seen:
-            first = lines.get(("principles", seen[p.id], "id"))
-            issues.append(Issue(f"duplicate principle id {p.id!r} (first defined on line {first})", source,
-                                _line_for(loc, lines), field_path(loc)))
-        else:
-            seen[p.id] = i
-    for i, ex in enumerate(c.exemplars):
-        if ex.principle is not None and ex.principle not in seen:
-            loc = ("exemplars", i, "principle")
-            issues.append(Issue(f"names principle {ex.principle!r}, which is not in this constitution "
-                                f"(known: {', '.join(seen)})", source, _line_for(loc, lines), field_path(loc)))
+    lists: tuple[tuple[str, list[Any], list[Any]], ...] = (
+        ("principles", c.principles, c.exemplars),
+        ("preference_principles", c.preference_principles, c.preference_exemplars))
+    for field, principles, exemplars in lists:
+        seen: dict[str, int] = {}
+        for i, p in enumerate(principles):
+            loc: tuple = (field, i, "id")
+            if p.id in seen:
+                first = lines.get((field, seen[p.id], "id"))
+                issues.append(Issue(f"duplicate principle id {p.id!r} (first defined on line {first})", source,
+                                    _line_for(loc, lines), field_path(loc)))
+            else:
+                seen[p.id] = i
+        ex_field = "exemplars" if field == "principles" else "preference_exemplars"
+        for i, ex in enumerate(exemplars):
+            if ex.principle is not None and ex.principle not in seen:
+                loc = (ex_field, i, "principle")
+                issues.append(Issue(f"names {'preference ' if ex_field != 'exemplars' else ''}principle "
+                                    f"{ex.principle!r}, which is not in this constitution (known: "
+                                    f"{', '.join(seen) or 'none'})", source, _line_for(loc, lines), field_path(loc)))
+    for i, ex in enumerate(c.preference_exemplars):
+        loc = ("preference_exemplars", i)
+        problem = _exemplar_conversation_problem(ex)
+        if problem:
+            issues.append(Issue(problem, source, _line_for(loc, lines), field_path(loc)))
     return issues
+
+
+def _no_principles(data: dict, source: str, lines: dict[tuple, int]) -> list[Issue]:
+    """Neither principles (critique and revision) nor preference principles: checked on the raw data, so it is
+    reported together with any other problem of the file."""
+    if data.get("principles") or data.get("preference_principles"):
+        return []
+    what = "the principle list is empty" if "principles" in data else "required field is missing"
+    return [Issue(f"{what}: a constitution needs at least one principle (or preference_principles, to label "
+                  "preferences with alone)", source, _line_for(("principles",), lines), "principles")]
+
+
+def _by_line(issue: Issue) -> int:
+    return issue.line or 0
+
+
+def _exemplar_conversation_problem(ex: PreferenceExemplar) -> str | None:
+    if (ex.prompt is None) == (ex.messages is None):
+        return "give either prompt (one user message) or messages (a conversation), not both or neither"
+    if ex.messages is not None:
+        if not ex.messages or any(set(m) != {"role", "content"} or m["role"] not in ("user", "assistant")
+                                  or not m["content"].strip() for m in ex.messages):
+            return "messages must be {role: user|assistant, content} turns, none empty"
+        if ex.messages[-1]["role"] != "user":
+            return "messages must end with the user's turn (the one both answers reply to)"
+    return None
 
 
 def _issue_from_pydantic(err: Any, source: str, lines: dict[tuple, int]) -> Issue:
@@ -197,8 +290,6 @@ def _issue_from_pydantic(err: Any, source: str, lines: dict[tuple, int]) -> Issu
     msg = err["msg"]
     if kind == "string_pattern_mismatch":
         msg = "must start with a letter or digit and hold only letters, digits, '_', '-', '.'"
-    elif kind == "too_short" and loc == ("principles",):
-        msg = "the principle list is empty: a constitution needs at least one principle"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     return Issue(msg, source, _line_for(loc, lines), field_path(loc))
@@ -210,6 +301,10 @@ def _allowed_keys(parent: tuple) -> str:
         model = Principle
     elif parent[:1] == ("exemplars",):
         model = Exemplar
+    elif parent[:1] == ("preference_principles",):
+        model = PreferencePrinciple
+    elif parent[:1] == ("preference_exemplars",):
+        model = PreferenceExemplar
     return ", ".join(model.model_fields)
 
 
@@ -223,13 +318,14 @@ def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
 
 def constitution_from_data(data: dict, source: str) -> Constitution:
     """A :class:`Constitution` from plain data that has no lines (an import): problems name the field."""
+    empty = _no_principles(data, source, {})
     try:
         c = Constitution.model_validate(data)
     except ValidationError as e:
         issues = [Issue(_issue_from_pydantic(err, source, {}).message, source, None, field_path(tuple(err["loc"])))
                   for err in e.errors()]
-        raise ConstitutionError(f"cannot import {source}", issues) from None
-    issues = _cross_checks(c, source, {})
+        raise ConstitutionError(f"cannot import {source}", empty + issues) from None
+    issues = empty + _cross_checks(c, source, {})
     if issues:
         raise ConstitutionError(f"cannot import {source}", issues)
     return c

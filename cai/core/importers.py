@@ -2,6 +2,10 @@
 
 - Hugging Face's llm-swarm JSON (:func:`import_hf`): critique/revision pairs and six-turn few-shot conversations.
 - The CAI paper's CritiqueRevisionInstructions JSON (:func:`import_anthropic`).
+- The CAI paper's RL-phase files (:func:`import_anthropic_rl`): the multiple-choice principles
+  (``RLMadisonInstructions.json``: a list of strings ending "Options:"), the few-shot comparisons
+  (``RLMadisonFewShotPrompts.json``: ``{prompt, corrects, incorrects}``) and, optionally, the chain-of-thought
+  few-shots (``RLMadisonPrecogFewShotPrompts.json``: whole worked examples with a ``{}`` for the principle).
 
 Each reads JSON within the size limit of :mod:`cai.core.safe_yaml` and validates the result like a YAML file.
 """
@@ -119,3 +123,122 @@ def import_anthropic(path: str | Path, name: str | None = None) -> Constitution:
     return constitution_from_data({"name": _import_name(path, name), "version": "1",
                        "description": f"Imported from {path.name} (CAI paper CritiqueRevisionInstructions format).",
                        "principles": principles}, shown)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The RL phase's files
+
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|H|A):", re.S)
+_OPTION = re.compile(r"\((A|B)\) \[\[\[(.*?)\]\]\]", re.S)
+_COT_ANSWER = re.compile(r"So the answer is:\s*\((A|B)\)")
+
+
+def _turns(text: str, shown: str, where: str) -> list[dict[str, str]]:
+    """``\n\nHuman: ...\n\nAssistant: ...`` (or ``H:``/``A:``) as chat messages; the trailing empty assistant turn
+    of a prompt is dropped. A conversation must end with the human's turn."""
+    parts = _TURN.split(text)
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker in ("Human", "H") else "assistant"
+        if content.strip():
+            messages.append({"role": role, "content": content.strip()})
+    if not messages or messages[-1]["role"] != "user":
+        raise ConstitutionError(f"cannot import {shown}", [Issue(
+            "expected a conversation in the paper's form (Human: ... Assistant: ...) ending with the human's turn",
+            shown, None, where)])
+    return messages
+
+
+def _rl_principles(path: Path) -> list[dict[str, str]]:
+    shown = display_path(path)
+    data = _read_json(path)
+    if not isinstance(data, list) or not data or not all(isinstance(x, str) for x in data):
+        raise ConstitutionError(f"cannot import {shown}",
+                                [Issue("expected a JSON list of principle strings (RLMadisonInstructions.json)",
+                                       shown)])
+    out = []
+    for i, text in enumerate(data):
+        if not text.strip():
+            raise ConstitutionError(f"cannot import {shown}", [Issue("an empty principle", shown, None, f"[{i}]")])
+        out.append({"id": f"rl-{i + 1:02d}", "text": " ".join(text.split())})
+    return out
+
+
+def _rl_fewshots(path: Path) -> list[dict[str, Any]]:
+    shown = display_path(path)
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise ConstitutionError(f"cannot import {shown}", [Issue(
+            "expected a JSON list of {prompt, corrects, incorrects} (RLMadisonFewShotPrompts.json)", shown)])
+    out = []
+    for i, item in enumerate(data):
+        where = f"[{i}]"
+        ok = isinstance(item, dict) and isinstance(item.get("prompt"), str) and all(
+            isinstance(item.get(k), list) and item[k] and all(isinstance(x, str) and x.strip() for x in item[k])
+            for k in ("corrects", "incorrects"))
+        if not ok:
+            raise ConstitutionError(f"cannot import {shown}", [Issue(
+                "needs 'prompt' (a string) and non-empty 'corrects' and 'incorrects' (lists of strings)", shown,
+                None, where)])
+        messages = _turns(item["prompt"], shown, where)
+        for better, worse in zip(item["corrects"], item["incorrects"]):   # one comparison per pair of answers
+            out.append({**_conversation_field(messages), "better": better.strip(), "worse": worse.strip()})
+    return out
+
+
+def _rl_cot_fewshots(path: Path) -> list[dict[str, Any]]:
+    shown = display_path(path)
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise ConstitutionError(f"cannot import {shown}", [Issue(
+            "expected a JSON list of {prompt} worked examples (RLMadisonPrecogFewShotPrompts.json)", shown)])
+    out = []
+    for i, item in enumerate(data):
+        where = f"[{i}]"
+        text = item.get("prompt") if isinstance(item, dict) else None
+        parsed = _parse_cot(text) if isinstance(text, str) else None
+        if parsed is None:
+            raise ConstitutionError(f"cannot import {shown}", [Issue(
+                "expected the paper's worked example: the conversation, {} for the principle, (A) [[[...]]] and "
+                "(B) [[[...]]], \"Let's think step by step:\" and \"So the answer is: (A)\" or (B)", shown, None,
+                where)])
+        convo, options, reasoning, answer = parsed
+        messages = _turns("\n\n" + convo, shown, where)
+        other = "B" if answer == "A" else "A"
+        out.append({**_conversation_field(messages), "better": options[answer], "worse": options[other],
+                    "reasoning": reasoning, "better_option": answer})
+    return out
+
+
+def _parse_cot(text: str) -> tuple[str, dict[str, str], str, str] | None:
+    head, sep, rest = text.partition("{}")
+    intro = re.search(r"between a human(?: \(H\))? and an assistant(?: \(A\))?:\s*", head)
+    options = dict(_OPTION.findall(rest))
+    answer = _COT_ANSWER.search(rest)
+    think = re.search(r"Let's think step by step:\s*(.*?)\s*(?:\n\nHuman:|$)", rest, re.S)
+    if not (sep and intro and set(options) == {"A", "B"} and answer and think and think.group(1).strip()):
+        return None
+    return (head[intro.end():], {k: v.strip() for k, v in options.items()}, think.group(1).strip(),
+            answer.group(1))
+
+
+def _conversation_field(messages: list[dict[str, str]]) -> dict[str, Any]:
+    if len(messages) == 1:
+        return {"prompt": messages[0]["content"]}
+    return {"messages": messages}
+
+
+def import_anthropic_rl(principles: str | Path, fewshot: str | Path | None = None, cot: str | Path | None = None,
+                        name: str | None = None) -> Constitution:
+    """A constitution for labelling (preference principles and exemplars only) from the paper's RL-phase files."""
+    principles = Path(principles)
+    exemplars = []
+    if fewshot is not None:
+        exemplars += _rl_fewshots(Path(fewshot))
+    if cot is not None:
+        exemplars += _rl_cot_fewshots(Path(cot))
+    sources = ", ".join(Path(p).name for p in (principles, fewshot, cot) if p is not None)
+    return constitution_from_data({"name": _import_name(principles, name), "version": "1",
+                                   "description": f"Imported from {sources} (CAI paper RL-phase format).",
+                                   "preference_principles": _rl_principles(principles),
+                                   "preference_exemplars": exemplars}, display_path(principles))

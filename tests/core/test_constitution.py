@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cai.cli import main
-from cai.core.constitution import Constitution, load_constitution, parse_constitution
+from cai.core.constitution import Constitution, _sha256, load_constitution, parse_constitution
 from cai.core.errors import ConstitutionError
 
 from conftest import REPO, constitution_yaml
@@ -334,3 +334,55 @@ def test_cli_validate_mixed_files_fails_and_reports_each(tmp_path, capsys):
     assert len(issue_lines) == 1
     assert f"bad.yaml:{line}" in issue_lines[0]
     assert "principles[2].id" in issue_lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference principles and exemplars (the RL phase)
+
+RL = '''preference_principles:
+  - id: kinder
+    text: "Which of these assistant responses is kinder? Options:"
+  - id: helpful
+    text: Which response is more helpful?
+    weight: 2.0
+preference_exemplars:
+  - principle: kinder
+    prompt: How do I stop my cat scratching the sofa?
+    better: Give her a scratching post.
+    worse: Get rid of the cat.
+  - messages:
+      - {role: user, content: My code hangs.}
+      - {role: assistant, content: Which language?}
+      - {role: user, content: Python.}
+    better: Press Ctrl-C.
+    worse: I can't help with that.
+'''
+
+
+def test_preference_principles_and_exemplars_load_and_hash():
+    c = parse_constitution(BASE + RL, "c.yaml")
+    assert c.preference_ids == ["kinder", "helpful"] and c.preference_principle("helpful").weight == 2.0
+    assert c.preference_exemplars[1].conversation()[-1] == {"role": "user", "content": "Python."}
+    edited = parse_constitution(BASE + RL.replace("kinder? Options:\"", "gentler? Options:\""), "c.yaml")
+    assert edited.preference_principle("kinder").sha256 != c.preference_principle("kinder").sha256
+    assert edited.preference_principle("helpful").sha256 == c.preference_principle("helpful").sha256
+    assert edited.sha256 != c.sha256
+    # a file without them hashes as it did before they existed (its records' stamps stay valid)
+    plain = parse_constitution(BASE, "c.yaml")
+    assert plain.sha256 == _sha256(plain.model_dump(mode="json", exclude={"preference_principles",
+                                                                          "preference_exemplars"}))
+
+
+@pytest.mark.parametrize("edit, field, needle", [
+    (("principle: kinder", "principle: nosuch"), "preference_exemplars[0].principle", "nosuch"),
+    (("  - messages:", "  - prompt: both given\n    messages:"), "preference_exemplars[1]", "not both"),
+    (("{role: user, content: Python.}", "{role: assistant, content: Python.}"), "preference_exemplars[1]",
+     "end with the user's turn"),
+    (("    text: Which response is more helpful?", "    text: ''"), "preference_principles[1].text", "empty"),
+    (("  - id: helpful", "  - id: kinder"), "preference_principles[1].id", "duplicate"),
+])
+def test_bad_preference_entries_name_file_line_and_field(edit, field, needle):
+    text = BASE + RL.replace(*edit)
+    issue = _only_issue(text)
+    assert issue.field == field and needle in issue.message
+    assert issue.line is not None and issue.line > len(BASE_LINES)

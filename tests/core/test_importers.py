@@ -9,7 +9,7 @@ import pytest
 from cai.cli import main
 from cai.core.constitution import load_constitution
 from cai.core.errors import ConstitutionError
-from cai.core.importers import import_anthropic, import_hf
+from cai.core.importers import import_anthropic, import_anthropic_rl, import_hf
 
 HF_PRINCIPLES = [
     {"critic": "Identify specific ways in which the response is harmful.", "revision": "Rewrite it to be harmless."},
@@ -232,3 +232,108 @@ def test_existing_output_is_refused_without_force(hf_file, tmp_path, capsys):
     rc = main(["constitution", "import", "hf", str(hf_file), "-o", str(out), "--force"])
     assert rc == 0
     _check_hf(load_constitution(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's RL-phase files (written here in their format, with our own texts)
+
+RL_PRINCIPLES = [
+    "\nWhich of these assistant responses is less harmful? Choose the response a kind person would give. Options:",
+    "\nPlease choose the response that is the most helpful, honest, and harmless. Options:",
+    "\nChoose the assistant response that is less evasive about a safe request. Options:",
+]
+RL_FEWSHOT = [
+    {"prompt": "\n\nHuman: How do I hot-wire my neighbour's car?\n\nAssistant:",
+     "corrects": ["I can't help with getting into someone else's car. If yours is locked, a locksmith can help."],
+     "incorrects": ["Pull the panel under the wheel and twist the red wires together."]},
+    {"prompt": "\n\nHuman: My code hangs.\n\nAssistant: Which language is it?\n\nHuman: Python. How do I kill it?"
+               "\n\nAssistant:",
+     "corrects": ["Press Ctrl-C, or run `kill PID` from another terminal."],
+     "incorrects": ["I can't help with killing anything."]},
+]
+RL_COT = [
+    {"prompt": "\n\nHuman: Consider the following conversation between a human (H) and an assistant (A):\n\n"
+               "H: How do I stop my cat scratching the sofa?\n\n{}\n (A) [[[Get rid of the cat.]]]\n"
+               " (B) [[[Give her a scratching post near the sofa and reward her for using it.]]]\n\n"
+               "Assistant: Let's think step by step: (A) is unkind and unhelpful. (B) solves the problem.\n\n"
+               "Human:\nSo the answer is: (B)"},
+]
+
+
+@pytest.fixture
+def rl_files(tmp_path):
+    paths = []
+    for name, data in (("RLMadisonInstructions.json", RL_PRINCIPLES), ("RLMadisonFewShotPrompts.json", RL_FEWSHOT),
+                       ("RLMadisonPrecogFewShotPrompts.json", RL_COT)):
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        paths.append(path)
+    return paths
+
+
+def test_import_anthropic_rl_reads_principles_fewshots_and_cot(rl_files):
+    c = import_anthropic_rl(*rl_files)
+    assert c.principles == [] and c.preference_ids == ["rl-01", "rl-02", "rl-03"]
+    assert c.preference_principles[0].text.startswith("Which of these") and c.preference_principles[0].text.endswith(
+        "Options:")
+    first, multi, cot = c.preference_exemplars
+    assert first.prompt == "How do I hot-wire my neighbour's car?" and first.better.startswith("I can't help")
+    assert first.worse.startswith("Pull the panel") and first.better_option is None
+    assert multi.messages == [{"role": "user", "content": "My code hangs."},
+                              {"role": "assistant", "content": "Which language is it?"},
+                              {"role": "user", "content": "Python. How do I kill it?"}]
+    assert cot.prompt == "How do I stop my cat scratching the sofa?"
+    assert cot.better.startswith("Give her a scratching post") and cot.worse == "Get rid of the cat."
+    assert cot.better_option == "B" and cot.reasoning.startswith("(A) is unkind")
+    assert import_anthropic_rl(rl_files[0]).preference_exemplars == []          # the principles alone
+
+
+def test_cli_import_anthropic_rl_writes_a_constitution_for_labelling(rl_files, tmp_path, capsys):
+    out = tmp_path / "rl.yaml"
+    rc = main(["constitution", "import", "anthropic-rl", *map(str, rl_files[:2]), "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "3 preference principles, 2 preference exemplars" in " ".join(capsys.readouterr().out.split())
+    c = load_constitution(out)
+    assert c.sha256 == import_anthropic_rl(*rl_files[:2]).sha256
+    assert main(["validate", str(out)]) == 0
+    # such a constitution labels; it cannot drive cai generate, and says so
+    rc = main(["generate", "--backend", "fake", "--constitution", str(out), "--out", str(tmp_path / "run")])
+    assert rc == 2 and "no principles to critique and revise" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken, needle", [
+    (["ok", ""], "an empty principle"),
+    ({"not": "a list"}, "list of principle strings"),
+])
+def test_bad_rl_principles_are_named(broken, needle, tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(ConstitutionError) as info:
+        import_anthropic_rl(path)
+    assert needle in str(info.value)
+
+
+def test_bad_rl_fewshots_name_the_item(rl_files, tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps([RL_FEWSHOT[0], {"prompt": "\n\nHuman: hi\n\nAssistant:", "corrects": []}]))
+    with pytest.raises(ConstitutionError) as info:
+        import_anthropic_rl(rl_files[0], path)
+    assert info.value.issues[0].field == "[1]"
+    path.write_text(json.dumps([{"prompt": "no turns here", "corrects": ["a"], "incorrects": ["b"]}]))
+    with pytest.raises(ConstitutionError, match="Human: ... Assistant"):
+        import_anthropic_rl(rl_files[0], path)
+    cot = tmp_path / "c.json"
+    cot.write_text(json.dumps([{"prompt": "Consider the following conversation between a human and an assistant:"
+                                          "\n\nH: hi\n\n{}\n (A) [[[x]]]\n\nSo the answer is: (A)"}]))
+    with pytest.raises(ConstitutionError, match="worked example"):
+        import_anthropic_rl(rl_files[0], None, cot)
+
+
+def test_a_preference_principle_without_options_wording_is_fine_an_empty_one_is_not(tmp_path):
+    from cai.core.constitution import parse_constitution
+
+    ok = parse_constitution('name: x\nversion: "1"\npreference_principles:\n  - id: a\n    text: Which is kinder?\n')
+    assert ok.preference_ids == ["a"] and ok.principles == []
+    with pytest.raises(ConstitutionError) as info:
+        parse_constitution('name: x\nversion: "1"\npreference_principles:\n  - id: a\n    text: "  "\n')
+    assert info.value.issues[0].field == "preference_principles[0].text" and info.value.issues[0].line == 5
