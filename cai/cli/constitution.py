@@ -48,8 +48,8 @@ def run_import(ns: argparse.Namespace) -> int:
     if a.output.exists() and not a.force:
         raise CaiError(f"{display_path(a.output)} already exists", hint="Pass --force to overwrite it.")
     if a.format == "anthropic-rl":
-        files = [*a.sources, None, None]
-        c = import_anthropic_rl(files[0], files[1], files[2], name=a.name)
+        extra: list[Path | None] = [*a.sources[1:], None, None]
+        c = import_anthropic_rl(a.sources[0], extra[0], extra[1], name=a.name)
     else:
         c = (import_hf if a.format == "hf" else import_anthropic)(a.sources[0], name=a.name)
     names = ", ".join(s.name for s in a.sources)
