@@ -1,117 +1,17 @@
-"""Sequences of library calls: each step of the main job (generate, data build, train, eval) and the demo that runs
-them in a row. The CLI calls one function here per command; no step calls a command. The self-improvement loop
-(``iterate``) will live here too.
-
-What a step tells the person at the terminal goes through a :class:`Ui` (progress bars, status lines, the tables at
-the end); the default one says nothing, so a library caller gets the same work without a terminal. A step whose
-work is saved as it finishes (records, helpfulness answers, checkpoints, eval answers) runs inside
-:func:`resumable`: Ctrl-C or a full disk then ends in :class:`Interrupted` or :class:`DiskFull`, which say what was
-kept and how to go on.
+"""Sequences of library calls: each step of the main job (generate, data build, train, eval). The CLI calls one
+function here per command; no step calls a command. What a step tells the person goes through a
+:class:`~cai.workflow.base.Ui`; work saved as it finishes runs inside :func:`~cai.workflow.base.resumable`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError, display_path
-from cai.core.files import disk_full_errno
-
-RESUME = "run the same command again to continue"
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during work that is saved as it finishes: ``kept`` says where, ``resume`` how to go on."""
-
-    def __init__(self, kept: str, resume: str = RESUME):
-        super().__init__(f"{kept}; {resume}")
-        self.kept, self.resume = kept, resume
-
-
-class DiskFull(OSError):
-    """No space left (or a quota reached) during work that is saved as it finishes."""
-
-    def __init__(self, error: OSError, kept: str, resume: str = RESUME):
-        super().__init__(error.errno, error.strerror, error.filename)
-        self.kept, self.resume = kept, resume
-
-
-@contextlib.contextmanager
-def resumable(kept: str, resume: str = RESUME, interrupt: bool = True) -> Iterator[None]:
-    """Turn Ctrl-C (unless ``interrupt`` is False) and a full disk inside the block into errors that say what was
-    kept; the innermost block wins."""
-    try:
-        yield
-    except (Interrupted, DiskFull):
-        raise
-    except KeyboardInterrupt:
-        if not interrupt:
-            raise
-        raise Interrupted(kept, resume) from None
-    except OSError as e:
-        if disk_full_errno(e) is not None:
-            raise DiskFull(e, kept, resume) from e
-        raise
-
-
-class Ui:
-    """What the steps tell the terminal. This one says nothing; the CLI's draws bars and tables."""
-
-    def status(self, text: str) -> AbstractContextManager[Any]:
-        """A line shown while a slow step without progress runs (loading a model)."""
-        return contextlib.nullcontext()
-
-    def note(self, text: str, label: str | None = None) -> None:
-        """A line for the person: ``label`` (``skipped``, ``note``) marks one they may want to act on."""
-
-    def bar(self) -> AbstractContextManager[Any]:
-        """A progress display; inside it, ``.generate(label)``, ``.train(stage)`` and ``.eval()`` give the
-        callbacks the library reports to."""
-        return contextlib.nullcontext(_Silent())
-
-    def generated(self, summary, bad_rows: list) -> None: ...
-    def dry_run(self, report, backend: str) -> None: ...
-    def built(self, card) -> None: ...
-    def trained(self, stage: str, out: Path, manifest: dict) -> None: ...
-    def evaluated(self, run: Path, report: dict, seconds: float) -> None: ...
-
-
-class _Silent:
-    def generate(self, label: str = "records"):
-        from cai.generate.runner import Progress
-
-        return Progress()
-
-    def train(self, stage: str):
-        from cai.train.trainer import TrainProgress
-
-        return TrainProgress()
-
-    def eval(self):
-        from cai.evaluation.runner import EvalProgress
-
-        return EvalProgress()
-
-
-@dataclass
-class Endpoints:
-    """How to reach the model of a run made with ``--backend openai``."""
-
-    base_urls: list[str] = field(default_factory=list)
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 64
-    timeout: float = 120.0
-    max_retries: int = 6
-
-    def options(self) -> dict:
-        return {"base_urls": self.base_urls, "api_key_env": self.api_key_env, "concurrency": self.concurrency,
-                "timeout": self.timeout, "max_retries": self.max_retries}
-
+from cai.workflow.base import Endpoints, Ui, resumable
 
 # ---------------------------------------------------------------------------------------------------------------
 # generate
@@ -353,50 +253,3 @@ def check_reachable(urls: list[str]) -> None:
             reasons.append(f"{url}: {type(e).__name__}")
     raise CaiError(f"the judge endpoint is unreachable ({'; '.join(reasons)})",
                    hint="Check --judge-base-url (it usually ends in /v1) and that the server is up.")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the demo: generate → data build → train sft → eval
-
-# Small enough to finish in a few minutes on a 2-core CPU with the default model. SmolLM2-135M rambles to the token
-# limit: the demo trains on truncated texts on purpose (the card says so).
-DEMO_HELPFUL_MIX = 0.25
-DEMO_ALLOW_FLAGS = ("truncated",)
-
-
-def demo_train_flags(steps: int) -> list[str]:
-    """Short and CPU-friendly: padding-free batches (same loss, ~1.4x the tokens/s of padded ones on this CPU: see
-    bench/README.md), no activation checkpointing (memory is not the constraint on a CPU)."""
-    return ["--max_steps", str(steps), "--save_steps", str(max(1, steps // 2)), "--gradient_accumulation_steps", "1",
-            "--padding_free", "true", "--max_length", "None", "--activation_checkpointing", "false"]
-
-
-@dataclass
-class DemoJob:
-    generate: GenerateJob
-    helpful_prompts: str                    # the ordinary prompts of the helpfulness mix and of the evaluation
-    train_steps: int = 8                    # 0: generate only
-    eval: Any = None                        # cai.evaluation.runner.EvalOptions; None or red_team <= 0: no eval
-    seed: int = 0
-
-
-def demo(job: DemoJob, ui: Ui | None = None) -> bool:
-    """Generate, build the data, train a short SFT adapter, evaluate it. Every step reuses what an earlier run of
-    the demo finished. Returns True when every step ran (False: it stopped where ``job`` said to)."""
-    from cai.data.build import BuildOptions
-
-    ui = ui or Ui()
-    g = job.generate
-    generate(g, ui)
-    if job.train_steps <= 0:
-        return False
-    data = BuildOptions(helpful_mix=DEMO_HELPFUL_MIX, test_size=0.1, all_rounds=False,
-                        allow_flags=DEMO_ALLOW_FLAGS, seed=job.seed, helpful_prompts=job.helpful_prompts)
-    build_data(g.out, data, ui, device=g.device, endpoints=g.endpoints)
-    train_stage("sft", g.out, ui, flags=demo_train_flags(job.train_steps))
-    if job.eval is None or job.eval.red_team <= 0:
-        return False
-    evaluate(g.out, job.eval, ui, device=g.device)
-    return True
-
-
