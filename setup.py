@@ -15,7 +15,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED = {"constitution": ("constitution", "*.yaml"), "prompts": ("data/prompts", "*.jsonl")}
+SHIPPED = {"constitution": ("constitution", "*.yaml"), "prompts": ("data/prompts", "*.jsonl"),
+           "data": ("data", "labeller_check.jsonl")}
 
 
 class BuildWithShippedFiles(build_py):

@@ -16,6 +16,8 @@ Layout::
     RUN/data/               training rows and their card (cai.data)
     RUN/helpful/            helpfulness answers mixed into SFT (a run folder of its own)
     RUN/adapters/<stage>/   a trained adapter and its manifest.json (cai.train)
+    RUN/preferences.jsonl   one Preference a line: AI-feedback soft labels of answer pairs (cai.label)
+    RUN/label/              the labeller's caches (samples.jsonl, judgements.jsonl), card.json, check.json
     RUN/eval/               answers, judgements, report.json, report.html (cai.evaluation)
 """
 
@@ -44,6 +46,7 @@ HELPFUL_DIR = "helpful"
 ADAPTERS_DIR = "adapters"
 MANIFEST = "manifest.json"
 EVAL_DIR = "eval"
+LABEL_DIR = "label"
 ITERATIONS_DIR = "iterations"
 
 
@@ -145,6 +148,11 @@ class RunFolder:
     @property
     def eval_dir(self) -> Path:
         return self.root / EVAL_DIR
+
+    @property
+    def label_dir(self) -> Path:
+        """The labeller's caches and cards (``cai label``)."""
+        return self.root / LABEL_DIR
 
     @property
     def iterations_dir(self) -> Path:

@@ -17,6 +17,7 @@ from cai.cli import (
     demo,
     evaluate,
     generate,
+    label,
     merge,
     serve,
     train,
@@ -31,7 +32,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 # the order of `cai --help`
-COMMANDS = (validate, constitution, generate, demo, data, train, evaluate, merge, serve)
+COMMANDS = (validate, constitution, generate, demo, label, data, train, evaluate, merge, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,6 +79,21 @@ class Bar:
 
         return TrainProgress(start=start, step=step, status=lambda text: self.console.print(f"[dim]{text}[/]"))
 
+    def label(self):
+        """``cai.label``'s progress: ``progress(kind, done, total)``, one task line per kind (answers, judgements,
+        check), questions or answers per second."""
+        tasks: dict[str, Any] = {}
+        t0: dict[str, float] = {}
+
+        def progress(kind: str, done: int, total: int) -> None:
+            if kind not in tasks:
+                tasks[kind], t0[kind] = self._task(kind, total), time.perf_counter()
+            dt = time.perf_counter() - t0[kind]
+            self.rich.update(tasks[kind], completed=done, total=total,
+                             rate=f"{done / dt:,.1f}/s" if dt > 0 and done else "")
+
+        return progress
+
     def eval(self):
         """``cai.evaluation.runner.EvalProgress``: one task line per phase (answers, judgements)."""
         from cai.evaluation.runner import EvalProgress

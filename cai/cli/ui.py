@@ -37,6 +37,12 @@ class TerminalUi(Ui):
     def trained(self, stage: str, out: Path, manifest: dict) -> None:
         print_trained(stage, out, manifest)
 
+    def labelled(self, run: Path, result) -> None:
+        print_label_card(run, result.card)
+
+    def checked(self, run: Path, report: dict) -> None:
+        print_check(run, report)
+
     def evaluated(self, run: Path, report: dict, seconds: float) -> None:
         out = display_path(run / "eval")
         con = console()
@@ -119,4 +125,57 @@ def print_trained(stage: str, folder: Path, manifest: dict) -> None:
         t.add_row("eval loss", f"{m['eval_loss']:.4f}")
     t.add_row("time", f"{manifest['seconds_this_run']:.1f}s")
     t.add_row("manifest", f"{out}/manifest.json, loss curve {out}/loss.png")
+    console().print(t)
+
+
+def _rate(r: dict) -> str:
+    if r.get("rate") is None:
+        return f"n/a (n = {r['n']})"
+    return f"{r['rate']:.0%} [{r['lo']:.0%}–{r['hi']:.0%}] ({r['k']}/{r['n']})"
+
+
+def _bias(b: dict) -> str:
+    ci = b.get("mean_p_first_ci")
+    mean = "n/a" if b["mean_p_first"] is None else f"{b['mean_p_first']:.2f}"
+    return (f"P(first option) {mean}" + (f" [{ci[0]:.2f}–{ci[1]:.2f}]" if ci else "")
+            + f"; same position in both orders {_rate(b['same_position'])}")
+
+
+def print_label_card(run: Path, card: dict) -> None:
+    t = table(f"cai label → {display_path(run / 'preferences.jsonl')}")
+    who = card["feedback"]
+    t.add_row("pairs", f"{card['pairs']} ({card['labelled']} labelled, {card['unlabelled']} unlabelled: their "
+                       "log-probabilities held neither option)" if card["unlabelled"] else f"{card['pairs']} labelled")
+    skipped = card["skipped"]
+    if skipped["identical"] or skipped["empty_or_failed"]:
+        t.add_row("skipped", f"{skipped['identical']} with two identical answers, {skipped['empty_or_failed']} with "
+                             "an empty or failed answer")
+    t.add_row("policy", str(card.get("policy")))
+    t.add_row("feedback model", f"{who.get('model')} ({who.get('backend')})")
+    q = card["questions"]
+    t.add_row("questions", f"{q['asked']} asked, {q['reused']} from the cache")
+    labels = card["labels"]
+    if labels["mean_confidence"] is not None:
+        t.add_row("mean confidence", f"{labels['mean_confidence']:.2f}")
+    t.add_row("position bias", _bias(card["position_bias"]))
+    if "agrees_with_revision" in card:
+        t.add_row("prefers the revision", _rate(card["agrees_with_revision"]))
+    t.add_row("card", f"{display_path(run / 'label' / 'card.json')}")
+    console().print(t)
+
+
+def print_check(run: Path, r: dict) -> None:
+    t = table(f"cai label --check: {r['feedback'].get('model')} on {r['check_set']['items']} comparisons with a "
+              "known answer")
+    t.add_row("accuracy (orders averaged)", _rate(r["accuracy"]))
+    t.add_row("accuracy, one order", _rate(r["accuracy_one_order"]))
+    t.add_row("  better answer first / second", f"{_rate(r['accuracy_better_first'])} / "
+                                                 f"{_rate(r['accuracy_better_second'])}")
+    for kind, rr in r["by_kind"].items():
+        t.add_row(f"  {kind}", _rate(rr))
+    e = r["ece"]
+    if e["value"] is not None:
+        t.add_row("calibration error (ECE)", f"{e['value']:.3f} [{e['lo']:.3f}–{e['hi']:.3f}]")
+    t.add_row("position bias", _bias(r["position_bias"]))
+    t.add_row("report", display_path(run / "label" / "check.json"))
     console().print(t)

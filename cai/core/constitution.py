@@ -101,8 +101,9 @@ class PreferencePrinciple(_Strict):
 
 class PreferenceExemplar(_Strict):
     """A worked multiple-choice example shown before each comparison: a conversation, a better and a worse answer,
-    and optionally the reasoning a chain-of-thought labeller should write and the principle it is asked under
-    (else the comparison's own principle)."""
+    and optionally the reasoning a chain-of-thought labeller should write. It is shown with its own ``question``
+    when it has one; else with the text of the principle it names (so editing that principle changes every
+    labelling prompt); else with a principle drawn for it once."""
 
     prompt: Text | None = None                  # a one-turn conversation: the user's message
     messages: list[dict[str, str]] | None = None  # or a whole conversation, ending with the user's turn
@@ -110,6 +111,7 @@ class PreferenceExemplar(_Strict):
     worse: Text
     reasoning: Text | None = None
     principle: str | None = None
+    question: Text | None = None                # the question it is shown with, word for word (else the principle's)
     better_option: Literal["A", "B"] | None = None   # where the better answer is shown; None: balanced by a seed
                                                      # (set it when the reasoning names a letter)
 

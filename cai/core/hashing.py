@@ -51,3 +51,22 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The RL phase (cai label)
+
+
+def pair_digest(messages: list, text_a: str, text_b: str) -> str:
+    """A pair of answers to one conversation, whatever labels it: seeds the principles drawn for it."""
+    return content_digest({"messages": messages, "responses": [text_a, text_b]})
+
+
+def preference_key(material: dict) -> str:
+    """A preference's id: the pair, the principles drawn (their hashes), the feedback model and how it was asked."""
+    return content_digest(material)
+
+
+def feedback_key(feedback: dict, messages: list, cot: bool, seed: int) -> str:
+    """One question to the feedback model: who answers it and the exact messages (the judgement cache's key)."""
+    return content_digest({"feedback": feedback, "messages": messages, "cot": cot, "seed": seed})

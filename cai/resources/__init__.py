@@ -1,8 +1,9 @@
 """The one place that finds the shipped files (constitution, prompt sets, training recipes) from any directory.
 
-People edit the top-level ``constitution/`` and ``data/prompts/`` folders of the repository. A wheel carries copies of
-them inside this package (``cai/resources/constitution/``, ``cai/resources/prompts/``), put there at build time by the
-``build_py`` hook in ``setup.py``, so git holds one copy only. Lookup order: inside the package first (an installed
+People edit the top-level ``constitution/`` and ``data/`` folders of the repository. A wheel carries copies of them
+inside this package (``cai/resources/constitution/``, ``cai/resources/prompts/``, ``cai/resources/data/`` for the
+labeller's comparison set), put there at build time by the ``build_py`` hook in ``setup.py``, so git holds one copy
+only. Lookup order: inside the package first (an installed
 wheel), then the repository the package sits in (a source checkout or editable install). The training recipes live
 in ``cai/resources/recipes/`` in both cases.
 """
@@ -24,6 +25,8 @@ _REPO = _PACKAGE.parents[1]
 _CONSTITUTION_DIRS = (_PACKAGE / "constitution", _REPO / "constitution")
 _PROMPT_DIRS = (_PACKAGE / "prompts", _REPO / "data" / "prompts")
 _RECIPE_DIR = _PACKAGE / "recipes"
+_DATA_DIRS = (_PACKAGE / "data", _REPO / "data")           # other shipped data: the labeller's comparison set
+LABELLER_CHECK = "labeller_check.jsonl"
 
 _CONSTITUTION_SUFFIX = ".yaml"
 _PROMPTS_SUFFIX = ".jsonl"
@@ -95,3 +98,11 @@ def recipe_path(stage: str) -> Path:
     The path is returned even when no such file exists; the caller says which stages there are.
     """
     return _RECIPE_DIR / f"{stage}.yaml"
+
+
+def labeller_check_path() -> Path:
+    """The shipped comparison set for ``cai label --check`` (pairs whose better answer is known)."""
+    for folder in _DATA_DIRS:
+        if (folder / LABELLER_CHECK).is_file():
+            return folder / LABELLER_CHECK
+    return _DATA_DIRS[-1] / LABELLER_CHECK

@@ -65,8 +65,8 @@ class Ui:
         """A line for the person: ``label`` (``skipped``, ``note``) marks one they may want to act on."""
 
     def bar(self) -> AbstractContextManager[Any]:
-        """A progress display; inside it, ``.generate(label)``, ``.train(stage)`` and ``.eval()`` give the
-        callbacks the library reports to."""
+        """A progress display; inside it, ``.generate(label)``, ``.train(stage)``, ``.eval()`` and ``.label()`` give
+        the callbacks the library reports to."""
         return contextlib.nullcontext(_Silent())
 
     def generated(self, summary, bad_rows: list) -> None: ...
@@ -74,6 +74,8 @@ class Ui:
     def built(self, card) -> None: ...
     def trained(self, stage: str, out: Path, manifest: dict) -> None: ...
     def evaluated(self, run: Path, report: dict, seconds: float) -> None: ...
+    def labelled(self, run: Path, result: Any) -> None: ...
+    def checked(self, run: Path, report: dict) -> None: ...
 
 
 class _Silent:
@@ -91,6 +93,9 @@ class _Silent:
         from cai.evaluation.runner import EvalProgress
 
         return EvalProgress()
+
+    def label(self):
+        return lambda kind, done, total: None
 
 
 @dataclass

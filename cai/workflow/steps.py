@@ -240,7 +240,7 @@ def _make_judge(spec: JudgeSpec, folder, models: _EvalModels, batch_size: int, d
         return LocalJudge(LocalBackend(spec.model, device=device), batch_size=batch_size)
 
 
-def check_reachable(urls: list[str]) -> None:
+def check_reachable(urls: list[str], what: str = "judge", flag: str = "--judge-base-url") -> None:
     """Fail at once, with the address, when no endpoint answers at all (instead of after every retry)."""
     import httpx
 
@@ -251,5 +251,5 @@ def check_reachable(urls: list[str]) -> None:
             return
         except httpx.HTTPError as e:
             reasons.append(f"{url}: {type(e).__name__}")
-    raise CaiError(f"the judge endpoint is unreachable ({'; '.join(reasons)})",
-                   hint="Check --judge-base-url (it usually ends in /v1) and that the server is up.")
+    raise CaiError(f"the {what} endpoint is unreachable ({'; '.join(reasons)})",
+                   hint=f"Check {flag} (it usually ends in /v1) and that the server is up.")
