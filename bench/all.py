@@ -29,6 +29,7 @@ BENCHES = {
     "train": ([], ["--rows", "24", "--steps", "4"]),
     "serve": ([], ["--requests", "1", "--single", "3"]),
     "hostile_yaml": ([], []),
+    "label": ([], ["--pairs", "8"]),
 }
 RATIO = re.compile(r"^(?P<name>.+?)\s*=\s*(?P<value>[-+0-9.eE]+)\s+\(target\s*(?P<op>>=|<=)\s*(?P<target>[-+0-9.eE]+)")
 
