@@ -10,8 +10,9 @@ from typing import Any
 from cai import __version__
 from cai.core.record import read_records
 from cai.evaluation.judge import Judge, questions_sha256
+from cai.evaluation.paired import NOT_DISCRIMINATING, base_rates, honest_interval, paired_difference
 from cai.evaluation.plan import BASE, THRESHOLD, EvalOptions, EvalPlan
-from cai.evaluation.stats import cluster_bootstrap_ci, collapse_flags, diversity, has_refusal_phrase, rate
+from cai.evaluation.stats import collapse_flags, diversity, has_refusal_phrase, rate
 
 
 def build_report(plan: EvalPlan, opts: EvalOptions, answers: dict[str, dict[str, str]],
@@ -31,10 +32,11 @@ def build_report(plan: EvalPlan, opts: EvalOptions, answers: dict[str, dict[str,
             ps = [judged[("harm", model, it.id, p.id)] for p in plan.principles]
             groups.append([1.0 if yes(x) else 0.0 for x in ps if x is not None])
         flat = [v for g in groups for v in g]
-        ci = cluster_bootstrap_ci(groups, seed=opts.seed)
+        ci = honest_interval(groups, seed=opts.seed)
         harm[model] = {
             "overall": {"k": int(sum(flat)), "n": len(flat), "rate": _mean(flat), "lo": ci[0] if ci else None,
-                        "hi": ci[1] if ci else None, "interval": "bootstrap over prompts, 95%",
+                        "hi": ci[1] if ci else None,
+                        "interval": "bootstrap over prompts, 95%, at least the Wilson interval of the count",
                         "mean_p": _mean([judged[("harm", model, it.id, p.id)] for it in plan.red_team
                                          for p in plan.principles])},
             "per_principle": per_principle,
@@ -65,7 +67,7 @@ def build_report(plan: EvalPlan, opts: EvalOptions, answers: dict[str, dict[str,
                        if k[0] == "rounds" and k[1] == str(s) and k[2] == r.id and v is not None]
                       for r in plan.records]
             flat = [v for g in groups for v in g]
-            ci = cluster_bootstrap_ci(groups, seed=opts.seed)
+            ci = honest_interval(groups, seed=opts.seed)
             stages.append({"stage": "initial" if s == 0 else f"revision {s}", "k": int(sum(flat)), "n": len(flat),
                            "rate": _mean(flat), "lo": ci[0] if ci else None, "hi": ci[1] if ci else None})
         rounds = {"records": len(plan.records), "stages": stages,
@@ -85,6 +87,15 @@ def build_report(plan: EvalPlan, opts: EvalOptions, answers: dict[str, dict[str,
         collapse[model] = {part: f for part, f in flags.items() if f}
     data_flags = collapse_flags(div_data["initial"], div_data["final"])
 
+    comparisons = {model: _compare(plan, judged, model, opts.seed) for model in models if model != BASE}
+    judge_rates = _judge_rates(plan, judged, models)
+    notes = list(plan.notes)
+    blind = [q for q, r in judge_rates.items() if not r["discriminating"]]
+    if blind:
+        notes.append(f"the judge gives the same answer to at least {NOT_DISCRIMINATING:.0%} of the questions "
+                     f"{', '.join(blind)}: it does not tell answers apart there, so differences on those questions "
+                     "say little about the models")
+
     report = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cai_version": __version__,
@@ -96,9 +107,11 @@ def build_report(plan: EvalPlan, opts: EvalOptions, answers: dict[str, dict[str,
                      "threshold": THRESHOLD, "principles": [p.id for p in plan.principles]},
         "prompts": {"red_team": len(plan.red_team), "red_team_from_test_split": plan.held_out_from_test_split,
                     "helpful": len(plan.helpful), "records": len(plan.records)},
-        "notes": list(plan.notes),
+        "notes": notes,
         "harmlessness": harm,
         "helpfulness": helpful,
+        "comparisons": comparisons,
+        "judge": {"base_rates": judge_rates, "not_discriminating": blind},
         "revision_rounds": rounds,
         "diversity": {"models": div_models, "data": div_data, "collapse": collapse,
                       "data_collapse": data_flags},
@@ -109,6 +122,38 @@ def build_report(plan: EvalPlan, opts: EvalOptions, answers: dict[str, dict[str,
     }
     report["summary"] = summary_lines(report)
     return report
+
+
+def _compare(plan: EvalPlan, judged: dict[tuple, float | None], model: str, seed: int) -> dict[str, Any]:
+    """``model`` against the base, prompt by prompt (the same prompts and questions, the same judge)."""
+    def events(kind: str, who: str, items, questions) -> list[list[float | None]]:
+        return [[None if (p := judged.get((kind, who, it.id, q))) is None else float(p > THRESHOLD)
+                 for q in questions] for it in items]
+
+    principles = [p.id for p in plan.principles]
+    out = {"harm": paired_difference(events("harm", BASE, plan.red_team, principles),
+                                     events("harm", model, plan.red_team, principles), seed=seed)}
+    if plan.helpful:
+        for kind in ("refusal", "helpful"):
+            out[kind] = paired_difference(events(kind, BASE, plan.helpful, [""]),
+                                          events(kind, model, plan.helpful, [""]), seed=seed)
+    return out
+
+
+def _judge_rates(plan: EvalPlan, judged: dict[tuple, float | None], models: list[str]) -> dict[str, dict]:
+    """How often the judge said yes to each question, over every model's answers."""
+    readings: dict[str, list[float | None]] = {p.id: [] for p in plan.principles}
+    readings.update({"refusal": [], "helpful": []})
+    for (kind, model, _, q), p in judged.items():
+        if model not in models:
+            continue
+        if kind == "harm":
+            readings.setdefault(q, []).append(p)
+        elif kind in ("refusal", "red_refusal"):
+            readings["refusal"].append(p)
+        elif kind == "helpful":
+            readings["helpful"].append(p)
+    return base_rates(readings, THRESHOLD)
 
 
 def _lineage(plan: EvalPlan, judge: Judge) -> dict:
@@ -147,17 +192,16 @@ def summary_lines(report: dict) -> list[str]:
             line += (f"; refuses {_pct(helpful[model]['refusal']['rate'])} of ordinary prompts, "
                      f"helpful on {_pct(helpful[model]['helpful']['rate'])}")
         lines.append(line)
-        if model != BASE and base is not None and o["rate"] is not None:
-            lower = o["hi"] is not None and o["hi"] < base
-            higher = o["lo"] is not None and o["lo"] > base
-            verdict = ("fewer violations than base, beyond the interval" if lower else
-                       "more violations than base, beyond the interval" if higher else
-                       "no difference from base that the interval can show")
-            if "refusal" in helpful[model] and "refusal" in helpful[BASE]:
-                r, rb = helpful[model]["refusal"], helpful[BASE]["refusal"]
-                if r["lo"] is not None and rb["rate"] is not None and r["lo"] > rb["rate"]:
-                    verdict += "; but it refuses more ordinary prompts than base (evasive)"
-            lines.append(f"  {model} vs base: {verdict}")
+        comparison = report.get("comparisons", {}).get(model)
+        if model != BASE and base is not None and comparison:
+            lines.append(f"  {model} vs base: {_verdict(comparison['harm'], 'violations')}")
+            refusal = comparison.get("refusal")
+            if refusal and refusal["verdict"] == "more":
+                lines.append(f"  {model} vs base on ordinary prompts: refuses more ({_diff(refusal)}): evasive")
+    for question in report.get("judge", {}).get("not_discriminating", []):
+        rate_ = report["judge"]["base_rates"][question]
+        lines.append(f"judge warning: it says yes to {_pct(rate_['yes'])} of the '{question}' questions "
+                     f"(n = {rate_['n']}): it is not discriminating there")
     rounds = report.get("revision_rounds")
     if rounds:
         lines.append("revision rounds (violation rate): "
@@ -169,6 +213,20 @@ def summary_lines(report: dict) -> list[str]:
         lines.append("collapse watch: final revisions are less diverse than initial answers on "
                      + ", ".join(report["diversity"]["data_collapse"]))
     return lines
+
+
+def _diff(c: dict) -> str:
+    return (f"{100 * c['difference']:+.1f} points [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}], paired over "
+            f"{c['prompts']} prompts; McNemar p = {c['p_value']:.3g}")
+
+
+def _verdict(c: dict, what: str) -> str:
+    """'fewer'/'more' only when the paired interval of the difference excludes 0."""
+    if c["verdict"] in ("fewer", "more"):
+        return f"{c['verdict']} {what} ({_diff(c)})"
+    if c["verdict"] == "no data":
+        return "nothing to compare (no prompt judged for both)"
+    return f"no difference detected (n = {c['prompts']} prompts; {_diff(c)})"
 
 
 def _pct(x: float | None) -> str:
