@@ -21,8 +21,8 @@ from server.engine import (
     GenParams,
     QueueFull,
     UnknownModel,
-    _Request,
 )
+from server.engine.request import Request as _Request
 
 from conftest import LONG, MEDIUM, SHORT, items_from, make_constitution, prompt_rows
 
