@@ -159,7 +159,8 @@ def test_events_reach_the_event_loop_coalesced_and_whole_completions_get_only_do
     import asyncio
 
     from server.engine import Delta, Done
-    from server.services import _Mailbox, _post
+    from server.engine.delivery import Mailbox as _Mailbox
+    from server.openai.serving import _post
 
     async def posted(deltas: bool) -> tuple[list, int]:
         queues = [asyncio.Queue(), asyncio.Queue()]
@@ -362,14 +363,15 @@ def test_logprobs_plain_and_streamed_in_the_openai_shape(client):
 
 def test_logprob_entries_carry_the_real_bytes_of_split_characters(client, app):
     from server.engine import TokenLogprob
-    from server.services import token_bytes
+    from server.openai.logprobs import token_bytes
 
     tokenizer = app.state.server.engine.tokenizer
     text = "é😀 ok"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert "\ufffd" in "".join(tokenizer.decode([i]) for i in ids)          # some tokens hold part of a character
     assert b"".join(token_bytes(tokenizer, i) for i in ids) == text.encode("utf-8")
-    out = app.state.server.services._logprobs((TokenLogprob(ids[0], float("nan"), ((ids[1], float("-inf")),)),))
+    out = app.state.server.services.chat.logprobs(
+        (TokenLogprob(ids[0], float("nan"), ((ids[1], float("-inf")),)),)).model_dump()
     entry = out["content"][0]
     assert entry["logprob"] == -9999.0 and entry["top_logprobs"][0]["logprob"] == -9999.0   # JSON has no NaN/inf
     assert bytes(entry["bytes"]) + bytes(entry["top_logprobs"][0]["bytes"]) == b"".join(
