@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -52,22 +53,30 @@ class Handle:
 
 
 class Mailbox:
-    """Events from the worker thread to one event loop, coalesced into one wake-up of the loop per burst."""
+    """Events from the worker thread to one event loop, coalesced into one wake-up of the loop per burst. It holds
+    the loop weakly: a mailbox outliving its loop (the engine keeps one per loop) does not keep it alive."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Queue, Any]] = []
 
+    @property
+    def closed(self) -> bool:
+        """Whether the loop is closed (or gone): nobody will read what is posted."""
+        loop = self._loop()
+        return loop is None or loop.is_closed()
+
     def post(self, queue: asyncio.Queue, item: Any) -> None:
         """On any thread. Raises RuntimeError once the loop is closed (the engine then cancels the request)."""
-        if self.loop.is_closed():
+        loop = self._loop()
+        if loop is None or loop.is_closed():
             raise RuntimeError("the event loop is closed")
         with self._lock:
             self._pending.append((queue, item))
             wake = len(self._pending) == 1        # else a flush is scheduled and has not run yet: it takes this too
         if wake:
-            self.loop.call_soon_threadsafe(self._flush)
+            loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         with self._lock:

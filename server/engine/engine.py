@@ -28,6 +28,7 @@ import asyncio
 import logging
 import secrets
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
@@ -85,7 +86,7 @@ class Engine:
         self._scheduler = Scheduler(max_batch, queue_size, batch_window_s)
         self._thread: threading.Thread | None = None
         self._text = Detokenizer(self.tokenizer)
-        self._mailbox: Mailbox | None = None    # the engine's events to the event loop of the latest stream
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
         self._batch_sizes: Counter[int] = Counter()
         self.tokens_generated = 0
         # the chat template's fixed head (system prompt and the first role marker), which nearly every prompt starts
@@ -207,11 +208,13 @@ class Engine:
         return EventStream(self.submit(model_name, messages, params, partial(box.post, queue)), queue)
 
     def mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
-        """The mailbox that carries events to ``loop`` (call it on that loop): one per loop, so the events of every
-        request a decode step advances wake the loop once."""
-        if self._mailbox is None or self._mailbox.loop is not loop:
-            self._mailbox = Mailbox(loop)
-        return self._mailbox
+        """The mailbox that carries events to ``loop``: one per loop, so the events of every request a decode step
+        advances wake that loop once (thread-safe: the app's loop and another caller's may ask at once)."""
+        with self._scheduler.lock:
+            box = self._mailboxes.get(loop)
+            if box is None:
+                box = self._mailboxes[loop] = Mailbox(loop)
+            return box
 
     def check_admission(self) -> None:
         """Raise what :meth:`submit` would raise now for a full queue or a stopped engine (EngineStopped, QueueFull),

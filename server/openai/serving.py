@@ -259,7 +259,7 @@ def _post(box: Mailbox, queue: asyncio.Queue, index: int, deltas: bool, event: E
     # on the worker thread. A whole (unstreamed) completion needs only its Done: no event per token
     if deltas or isinstance(event, Done):
         box.post(queue, (index, event))
-    elif box.loop.is_closed():
+    elif box.closed:
         raise RuntimeError("the event loop is closed")   # nobody will read the answer: the engine cancels it
 
 
