@@ -1,6 +1,10 @@
 """``create_app(settings)``: the FastAPI application of the service. No module-level state: everything an app
-holds (engine, constitution registry, metrics, the draining flag) lives in one :class:`ServerState` on
-``app.state.server``, so two apps in one process (tests) share nothing.
+holds (engine, constitution registry, metrics, the serving classes, the draining flag) lives in one
+:class:`~server.state.ServerState` on ``app.state.server``, so two apps in one process (tests) share nothing.
+
+The routes are by feature: ``server/openai`` (chat completions), ``server/critique`` (critique, revise),
+``server/admin`` (health, metrics, models, constitutions). Each fetches its serving class through a typed dependency
+(``server/deps.py``) and calls it.
 
 Life of an app. The lifespan loads the constitutions (strict: a bad file stops the start), starts the watch that
 picks up their edits, and loads the model and adapters **in the background**: the server answers at once, ``/health``
@@ -20,58 +24,22 @@ import contextlib
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
 
+from server.admin.metrics import MetricsMiddleware
+from server.admin.routes import router as admin_router
 from server.constitutions import ConstitutionRegistry, watch
-from server.errors import HANDLED, Unavailable, handle_error
-from server.metrics import Metrics, MetricsMiddleware
-from server.routes import AsciiJSONResponse, router
+from server.critique.routes import router as critique_router
+from server.errors import HANDLED, handle_error
+from server.openai.routes import router as openai_router
+from server.responses import AsciiJSONResponse
 from server.security import Guard
-from server.services import Services
 from server.settings import Settings, check_adapter
+from server.state import ServerState, Services
 
 log = logging.getLogger("cai.server")
-
-
-@dataclass
-class ServerState:
-    settings: Settings
-    metrics: Metrics = field(default_factory=Metrics)
-    registry: ConstitutionRegistry | None = None
-    engine: Any = None                          # server.engine.Engine once loaded
-    services: Services | None = None
-    manifests: dict[str, dict | None] = field(default_factory=dict)
-    draining: bool = False
-    load_error: str | None = None
-    on_fatal: Callable[[BaseException], None] | None = None   # told when the model cannot be loaded
-
-    def ready(self) -> Services:
-        """The services, or Unavailable (503) while loading, after a failed load, or once the engine died."""
-        if self.draining:
-            raise Unavailable("the server is shutting down")
-        if self.load_error is not None:
-            raise Unavailable(f"the model failed to load: {self.load_error}")
-        if self.services is None:
-            raise Unavailable("the model is loading", retry_after=5)
-        if self.engine.error:
-            raise Unavailable(f"the inference worker failed: {self.engine.error}")
-        return self.services
-
-    def health(self) -> tuple[int, dict]:
-        if self.draining:
-            return 503, {"status": "draining"}
-        if self.load_error is not None:
-            return 503, {"status": "failed", "error": self.load_error}
-        if self.engine is None:
-            return 503, {"status": "loading"}
-        if self.engine.error or not self.engine.running:
-            return 503, {"status": "failed", "error": self.engine.error or "the inference worker is not running"}
-        return 200, {"status": "ok", "models": self.engine.model_names, "device": self.engine.device,
-                     "dtype": self.engine.dtype, "queue_depth": self.engine.queue_depth,
-                     "in_flight": self.engine.in_flight}
 
 
 def load_engine(settings: Settings) -> tuple[Any, dict[str, dict | None]]:
@@ -101,8 +69,8 @@ def create_app(settings: Settings, *, on_fatal: Callable[[BaseException], None] 
                 st.on_fatal(e)
             return
         st.engine, st.manifests = engine, manifests
-        st.services = Services(engine, st.registry, settings.limits, manifests,  # type: ignore[arg-type]
-                               on_usage=st.metrics.count_tokens)
+        st.services = Services.build(engine, st.registry, settings.limits, manifests,  # type: ignore[arg-type]
+                                     on_usage=st.metrics.count_tokens)
         log.info("serving %s on %s (%s)", ", ".join(engine.model_names), engine.device, engine.dtype)
 
     @asynccontextmanager
@@ -126,7 +94,8 @@ def create_app(settings: Settings, *, on_fatal: Callable[[BaseException], None] 
                   description="Constitutional AI service: an OpenAI-compatible chat endpoint over the base model "
                               "and its adapters, beside the live critique→revise pipeline.")
     app.state.server = st
-    app.include_router(router)
+    for router in (admin_router, openai_router, critique_router):
+        app.include_router(router)
     for exc_class in HANDLED:
         app.add_exception_handler(exc_class, handle_error)
     app.add_middleware(Guard, keys=list(settings.api_keys), max_body_bytes=settings.limits.max_body_bytes)

@@ -4,6 +4,9 @@ violation, malformed JSON, a wrong content type, an unknown model or principle, 
 server is 429 with ``Retry-After``, a server that is loading or shutting down is 503, and only the server's own
 failures are 5xx.
 
+The serving classes raise the exceptions defined here (or the engine's ``UnknownModel``, ``QueueFull``,
+``EngineStopped``, cai's ``ContextLengthError``); they know nothing of HTTP statuses.
+
 Bodies are written as ASCII JSON (``ensure_ascii``): a message that quotes the caller's input (an unknown model name
 with a lone surrogate in it) can always be encoded.
 """
@@ -16,14 +19,44 @@ import math
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from cai.core.errors import CaiError, ContextLengthError
 from server.engine import EngineStopped, QueueFull, UnknownModel
-from server.services import ContextTooLong, GenerationFailed, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the serving classes raise
+
+
+class InvalidRequest(ValueError):
+    """The caller asked for something this server will not do (400). ``param`` names the request field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class ContextTooLong(InvalidRequest):
+    def __init__(self, message: str, param: str | None = "messages"):
+        super().__init__(message, param, "context_length_exceeded")
+
+
+class NotFound(LookupError):
+    """A named thing (constitution) this server does not have (404)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class GenerationFailed(RuntimeError):
+    """The engine could not finish a request (a failed wave, a shutdown that ran out of time): the server's
+    problem, not the caller's (5xx)."""
 
 
 class Unavailable(Exception):
@@ -42,6 +75,38 @@ class UnsupportedMediaType(Exception):
 
 class ClientDisconnected(Exception):
     """The client went away before the answer was ready; nobody reads the response (logged as 499)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The error body
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_json(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The error body as a JSON-ready dict (every key present, null included)."""
+    return ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+# What the OpenAPI description lists for the work routes
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in [
+        (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model or constitution"),
+        (413, "body too large"), (415, "body is not JSON"), (429, "queue full (see Retry-After)"),
+        (503, "loading or shutting down")]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one map
 
 
 def _param(loc: tuple | list) -> str | None:
@@ -85,16 +150,12 @@ def _validation(exc: RequestValidationError) -> tuple[str, str | None, str | Non
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, body, headers) for any exception: the one mapping of the service."""
     headers: dict[str, str] = {}
-
-    def body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-        return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    body = error_json
 
     if isinstance(exc, RequestValidationError):
         message, param, code = _validation(exc)
         return 400, body(message, "invalid_request_error", param, code), headers
-    if isinstance(exc, ContextTooLong):
-        return 400, body(exc.message, "invalid_request_error", exc.param, exc.code), headers
-    if isinstance(exc, InvalidRequest):
+    if isinstance(exc, InvalidRequest):          # ContextTooLong among them
         return 400, body(exc.message, "invalid_request_error", exc.param, exc.code), headers
     if isinstance(exc, ContextLengthError):
         message = "; ".join([exc.message] + [i.message for i in exc.issues])

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from cai.core.errors import CaiError, display_path
+from server.errors import error_json
 
 OPEN_PATHS = frozenset({"/health"})
 _DIGITS = re.compile(rb"[0-9]{1,18}")   # a Content-Length value (ASCII digits only)
@@ -62,7 +63,7 @@ def key_matches(given: bytes | str, keys: list[str]) -> bool:
 
 async def send_error(send, status: int, message: str, type_: str, code: str | None = None,
                      headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    body = json.dumps(error_json(message, type_, None, code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -7,12 +7,13 @@ Prefix cache: the critique and revise stages of every prompt begin with the same
 exemplars, ~1000 tokens with the default constitution, ~90% of each prompt). Their key/value cache is computed once
 and reused by every batch that starts with them; each row then prefills only its own suffix. On the default model this
 cuts a critique stage from ~27 s to ~7 s for 8 prompts, with identical greedy output. The rows' suffixes are
-left-padded *after* the shared prefix; position ids come from the attention mask, so pads never shift positions.
+left-padded *after* the shared prefix; position ids come from the attention mask, so pads never shift positions (the
+layout is :mod:`cai.inference.batching`'s, shared with the judge and the server engine; the top-p draw is
+:mod:`cai.inference.sampling`'s).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import OrderedDict
 
@@ -22,7 +23,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from cai.backends.base import Completion, Sampling
 from cai.core.errors import ContextLengthError, Issue
 from cai.core.prompts import Message
+from cai.inference.batching import common_prefix, left_pad, prefix_cache, repeat_cache
 from cai.inference.loading import load_chat_model
+from cai.inference.sampling import TOP_K, draw_rows
 
 log = logging.getLogger(__name__)
 
@@ -30,34 +33,17 @@ log = logging.getLogger(__name__)
 class TopPSampler(LogitsProcessor):
     """Temperature + nucleus (top-p) sampling that draws the token itself and leaves it as the only candidate.
 
-    transformers' top-p sorts the whole vocabulary and samples over it at every step: on the default model (49k
-    tokens) that is ~38 ms of a ~110 ms decode step for 16 rows on a CPU. The nucleus almost always lies within the
-    top ``k`` tokens, so this takes ``topk`` and samples among those; a row whose top ``k`` hold less than ``top_p``
-    of the mass falls back to the full sort. The distribution sampled is exactly top-p's.
+    transformers' own top-p sorts the whole vocabulary and samples over it at every step; this draws with
+    :func:`cai.inference.sampling.draw_rows` (the nucleus looked for in the top ``k`` tokens first), one generator
+    for the whole ``generate`` call. The distribution sampled is exactly top-p's.
     """
 
-    def __init__(self, temperature: float, top_p: float, seed: int, k: int = 1024):
+    def __init__(self, temperature: float, top_p: float, seed: int, k: int = TOP_K):
         self.temperature, self.top_p, self.k = temperature, top_p, k
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float() / self.temperature
-        k = min(self.k, logits.shape[-1])
-        lse = torch.logsumexp(logits, -1, keepdim=True)
-        top, idx = logits.topk(k, dim=-1)                          # descending
-        probs = (top - lse).exp()
-        short = probs.sum(-1) < self.top_p                          # nucleus not inside the top k (rare)
-        if short.any():
-            full, full_idx = logits[short].sort(dim=-1, descending=True)
-            pad = logits.shape[-1] - k
-            top = torch.cat([top, torch.full((top.shape[0], pad), float("-inf"), device=top.device)], -1)
-            idx = torch.cat([idx, torch.zeros((idx.shape[0], pad), dtype=idx.dtype, device=idx.device)], -1)
-            top[short], idx[short] = full, full_idx
-            probs = (top - lse).exp()
-        before = probs.cumsum(-1) - probs                           # mass of the tokens ranked above each one
-        probs = probs.masked_fill(before >= self.top_p, 0.0)        # smallest set whose mass reaches top_p
-        pick = torch.multinomial(probs.cpu(), 1, generator=self.generator).to(idx.device)
-        chosen = idx.gather(-1, pick)
+        chosen = draw_rows(scores, self.temperature, self.top_p, self.generator, self.k)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(-1, chosen, 0.0)
 
@@ -122,27 +108,20 @@ class LocalBackend:
         prefix, cache = self._cached_prefix(ids) if self.prefix_cache else ((), None)
         p = len(prefix)
         pad = self.tokenizer.pad_token_id
-        width = max(lengths) - p
+        padded = left_pad([x[p:] for x in ids], pad, offset=p, device=self.device)
         extra: dict = {}
         if cache is not None and self.shared_prefix:
             # only the rows' suffixes go in; the prefix lives once in the cache, positions continue after it
             from cai.inference.prefix_attention import SuffixCache
 
-            input_ids = torch.tensor([[pad] * (width - (n - p)) + x[p:] for x, n in zip(ids, lengths)],
-                                     device=self.device)
-            mask = torch.tensor([[0] * (width - (n - p)) + [1] * (n - p) for n in lengths], device=self.device)
-            extra["position_ids"] = p + (mask.cumsum(-1) - 1).clamp(min=0)
+            input_ids, mask = padded.ids, padded.mask
+            extra["position_ids"] = padded.positions
             extra["past_key_values"] = SuffixCache(self.lm.config, cache)  # type: ignore[arg-type]
         else:
             # [shared prefix][left padding][row suffix], the prefix's cache copied into every row
-            input_ids = torch.tensor([list(prefix) + [pad] * (width - (n - p)) + x[p:]
-                                      for x, n in zip(ids, lengths)], device=self.device)
-            mask = torch.tensor([[1] * p + [0] * (width - (n - p)) + [1] * (n - p) for n in lengths],
-                                device=self.device)
+            input_ids, mask = padded.with_prefix(prefix)
             if cache is not None:
-                rows = copy.deepcopy(cache)
-                rows.batch_repeat_interleave(len(batch))  # type: ignore[attr-defined]
-                extra["past_key_values"] = rows
+                extra["past_key_values"] = repeat_cache(cache, len(batch))
         if cache is not None:
             self.prefix_hits += len(batch)
         if sampling.temperature > 0:
@@ -168,10 +147,8 @@ class LocalBackend:
         """The longest cached prefix shared by every row, computing one for this batch's common prefix if none
         covers nearly all of it. At least one token of each row stays outside the prefix (generate needs it)."""
         limit = min(len(x) for x in ids) - 1
-        common = 0
+        common = common_prefix(ids)
         first = ids[0]
-        while common < limit and all(x[common] == first[common] for x in ids):
-            common += 1
         best: tuple[int, ...] = ()
         for key in self._prefixes:
             if len(best) < len(key) <= limit and all(x[:len(key)] == list(key) for x in ids):
@@ -182,18 +159,10 @@ class LocalBackend:
         if len(ids) < 2 or common < self.MIN_PREFIX:   # one row alone: its whole prompt is no shared prefix
             return (best, self._prefixes[best]) if best else ((), None)
         key = tuple(first[:common])
-        self._prefixes[key] = self._prefill(key)
+        self._prefixes[key] = prefix_cache(self.lm, key, config=self.lm.config, device=self.device)
         while len(self._prefixes) > self.MAX_ENTRIES:
             self._prefixes.popitem(last=False)
         return key, self._prefixes[key]
-
-    def _prefill(self, tokens: tuple[int, ...]):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.lm.config)
-        with torch.inference_mode():
-            self.lm(input_ids=torch.tensor([tokens], device=self.device), past_key_values=cache, use_cache=True)
-        return cache
 
     def _completion(self, row: list[int], prompt_tokens: int) -> Completion:
         eos = set(self.eos_ids)

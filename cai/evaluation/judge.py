@@ -147,7 +147,9 @@ class LocalJudge:
         long enough, is computed once and attended by every row (``cai.inference.prefix_attention``)."""
         import torch
 
-        common = _common_prefix(rows)
+        from cai.inference.batching import common_prefix, left_pad, prefix_cache
+
+        common = common_prefix(rows)
         b = self.backend
         extra: dict = {}
         p = 0
@@ -156,16 +158,12 @@ class LocalJudge:
 
             p = common
             self.shared_rows += len(rows)
-            extra["past_key_values"] = SuffixCache(b.lm.config, b._prefill(tuple(rows[0][:p])))
-        suffixes = [r[p:] for r in rows]
-        width = max(len(r) for r in suffixes)
-        pad = b.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in suffixes], device=b.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in suffixes], device=b.device)
-        positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
+            prefix = prefix_cache(b.lm, rows[0][:p], config=b.lm.config, device=b.device)
+            extra["past_key_values"] = SuffixCache(b.lm.config, prefix)
+        padded = left_pad([r[p:] for r in rows], b.tokenizer.pad_token_id, offset=p, device=b.device)
         with torch.inference_mode():
-            out = b.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=bool(extra),
-                       logits_to_keep=1, **extra)
+            out = b.lm(input_ids=padded.ids, attention_mask=padded.mask, position_ids=padded.positions,
+                       use_cache=bool(extra), logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()
 
     def _batch(self, rows: list[list[int]]) -> list[float]:
@@ -175,16 +173,6 @@ class LocalJudge:
         yes = torch.logsumexp(logp[:, self.yes_ids], dim=-1)
         no = torch.logsumexp(logp[:, self.no_ids], dim=-1)
         return [two_way(y, n) for y, n in zip(yes.tolist(), no.tolist())]
-
-
-def _common_prefix(rows: list[list[int]]) -> int:
-    """Tokens every row starts with, leaving at least one token of each row outside."""
-    limit = min(len(r) for r in rows) - 1
-    n = 0
-    first = rows[0]
-    while n < limit and all(r[n] == first[n] for r in rows):
-        n += 1
-    return n
 
 
 @dataclass

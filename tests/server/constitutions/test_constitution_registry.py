@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import server.constitutions as sc
+import server.constitutions.files as sc
 from cai.core.errors import ConstitutionError
 from server.constitutions import ConstitutionRegistry, Loaded, watch
 

@@ -1,9 +1,12 @@
-"""Wire schemas: the OpenAI chat shapes, our critique/revise shapes, and the error shape.
+"""The OpenAI chat wire format: requests and responses, typed.
 
-Validation happens here, strictly: unknown fields are errors (an OpenAI field we do not implement is accepted only at
-its neutral value), numbers must be numbers (``"max_tokens": "10"`` is refused, not coerced), floats must be finite,
-every list and string has a cap. Caps that depend on the served model (context length, the server's ``max_tokens``
-and ``n`` limits) are checked in the service layer, which knows them.
+Requests are validated strictly (see :mod:`server.wire`): an OpenAI field we do not implement is accepted only at its
+neutral value, ``"max_tokens": "10"`` is refused rather than coerced. Caps that depend on the served model (context
+length, the server's ``max_tokens`` and ``n`` limits) are checked by the serving class, which knows them.
+
+Responses are what the official ``openai`` client reads: :class:`ChatCompletion` for a whole answer,
+:class:`ChatCompletionChunk` events for a stream. Two extensions ride along: the ``cai`` field of a choice (the
+critique→revise run that produced its text) and, in requests, ``constitution``/``principles``/``rounds``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
+
+from cai.core.record import ConstitutionStamp
+from server.wire import StrictRequest, Wire, check_text
 
 MAX_MESSAGES = 256
 MAX_STOP = 4
@@ -23,30 +29,21 @@ MAX_TOP_LOGPROBS = 20      # alternatives a token's log-probabilities may list (
 Role = Literal["system", "user", "assistant"]
 
 
-def _check_text(value: str) -> str:
-    # a lone surrogate (JSON "\ud800") is not text: it cannot be encoded, tokenized or echoed back
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("contains a lone surrogate (invalid UTF-16 escape); send valid Unicode text") from None
-    return value
+# ---------------------------------------------------------------------------------------------------------------
+# Requests
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=1_000_000)
-
-
-class TextPart(_Strict):
+class TextPart(StrictRequest):
     type: Literal["text"]
     text: str
 
     @field_validator("text")
     @classmethod
     def _text(cls, v: str) -> str:
-        return _check_text(v)
+        return check_text(v)
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictRequest):
     role: Role
     content: str | Annotated[list[TextPart], Field(min_length=1, max_length=64)]
     name: str | None = Field(default=None, max_length=64)
@@ -55,7 +52,7 @@ class ChatMessage(_Strict):
     @classmethod
     def _content(cls, v: Any) -> Any:
         if isinstance(v, str):
-            return _check_text(v)
+            return check_text(v)
         return v
 
     @property
@@ -67,10 +64,12 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSA
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False, strict=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Seed = Annotated[StrictInt, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]
+ConstitutionName = Annotated[str, Field(min_length=1, max_length=80)]
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
-class _Sampling(_Strict):
-    """Sampling fields shared by every generating route."""
+class SamplingFields(StrictRequest):
+    """Sampling fields shared by every generating route (chat, critique, revise)."""
 
     max_tokens: StrictInt | None = None
     temperature: Temperature | None = None
@@ -87,16 +86,16 @@ class _Sampling(_Strict):
         return v
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictRequest):
     include_usage: StrictBool = False
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictRequest):
     type: Literal["text"]
 
 
-class ChatCompletionRequest(_Sampling):
-    model: Annotated[str, Field(min_length=1, max_length=256)]
+class ChatCompletionRequest(SamplingFields):
+    model: ModelName
     messages: Messages
     max_completion_tokens: StrictInt | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
@@ -111,7 +110,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
     # extension: run critique→revise on each answer before returning it
-    constitution: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+    constitution: ConstitutionName | None = None
     principles: Annotated[list[str], Field(min_length=1, max_length=MAX_PRINCIPLES)] | None = None
     rounds: Annotated[StrictInt, Field(ge=1, le=MAX_ROUNDS)] | None = None
 
@@ -124,7 +123,7 @@ class ChatCompletionRequest(_Sampling):
                 raise ValueError("a stop sequence must not be empty")
             if len(s) > MAX_STOP_CHARS:
                 raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
-            _check_text(s)
+            check_text(s)
         return v
 
     @model_validator(mode="after")
@@ -147,50 +146,100 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class CritiqueRequest(_Sampling):
-    """Critique ``response`` (the assistant's answer to ``messages``) against each principle named, or one drawn."""
+# ---------------------------------------------------------------------------------------------------------------
+# Responses
 
-    messages: Messages
-    response: Annotated[str, Field(max_length=1_000_000)]
-    principles: Annotated[list[str], Field(min_length=1, max_length=MAX_PRINCIPLES)] | None = None
-    constitution: Annotated[str, Field(min_length=1, max_length=80)] | None = None
-    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
-    @field_validator("response")
+class Usage(Wire):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
     @classmethod
-    def _response(cls, v: str) -> str:
-        return _check_text(v)
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
 
-class ReviseRequest(_Sampling):
-    """The whole pipeline on one conversation: answer (or take ``response``), then ``rounds`` of critique→revise."""
-
-    messages: Messages
-    response: Annotated[str, Field(max_length=1_000_000)] | None = None
-    rounds: Annotated[StrictInt, Field(ge=1, le=MAX_ROUNDS)] | None = None
-    principles: Annotated[list[str], Field(min_length=1, max_length=MAX_ROUNDS)] | None = None
-    constitution: Annotated[str, Field(min_length=1, max_length=80)] | None = None
-    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
-
-    @field_validator("response")
-    @classmethod
-    def _response(cls, v: Any) -> Any:
-        return _check_text(v) if isinstance(v, str) else v
-
-    @model_validator(mode="after")
-    def _rounds(self) -> ReviseRequest:
-        if self.principles is not None and self.rounds is not None and len(self.principles) != self.rounds:
-            raise ValueError(f"{len(self.principles)} principles for {self.rounds} rounds: give one per round, or "
-                             "leave 'rounds' out")
-        return self
+class TopLogprob(Wire):
+    token: str
+    logprob: float                 # -9999.0 stands for -inf (and NaN), as OpenAI's API does: JSON has neither
+    bytes: list[int]               # the token's own bytes (part of a UTF-8 character, possibly)
 
 
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
+class TokenLogprobs(TopLogprob):
+    top_logprobs: list[TopLogprob]
 
 
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+class ChoiceLogprobs(Wire):
+    content: list[TokenLogprobs]
+
+
+class AssistantMessage(Wire):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ExtensionRound(Wire):
+    principle: str
+    critique: str
+    revision: str
+    flags: list[str]
+
+
+class ChatExtension(Wire):
+    """The ``cai`` field of a choice: the critique→revise run whose final revision is the choice's text."""
+
+    constitution: ConstitutionStamp
+    principles: list[str]
+    initial: str
+    rounds: list[ExtensionRound]
+    flags: list[str]
+    record_id: str
+
+
+class ChatCompletionChoice(Wire):
+    omit_none = ("cai",)
+
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: str
+    cai: ChatExtension | None = None
+
+
+class ChatCompletion(Wire):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class DeltaMessage(Wire):
+    omit_none = ("role", "content")
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(Wire):
+    omit_none = ("logprobs", "cai")
+
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None     # only in a stream that asked for them
+    cai: ChatExtension | None = None           # only in the one content chunk of a revised answer
+
+
+class ChatCompletionChunk(Wire):
+    omit_none = ("usage",)
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None                 # only in the last chunk, with stream_options.include_usage

@@ -1,0 +1,1 @@
+"""Health, metrics, the model listing and the constitutions being served."""

@@ -1,0 +1,94 @@
+"""The admin wire format: health, the model listing (OpenAI's ``/v1/models`` shape, with a ``cai`` field), and the
+constitutions being served."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from server.wire import Wire
+
+# ---------------------------------------------------------------------------------------------------------------
+# Health
+
+
+class Health(Wire):
+    """``/health``: ``status`` is ok, loading, failed or draining; the engine's facts come with ok, ``error`` with
+    failed."""
+
+    omit_none = ("error", "models", "device", "dtype", "queue_depth", "in_flight")
+
+    status: Literal["ok", "loading", "failed", "draining"]
+    error: str | None = None
+    models: list[str] | None = None
+    device: str | None = None
+    dtype: str | None = None
+    queue_depth: int | None = None
+    in_flight: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class BaseModelInfo(Wire):
+    kind: Literal["base"] = "base"
+    model: str                       # the base model's id
+    revision: str | None
+    context_length: int | None
+
+
+class AdapterInfo(Wire):
+    kind: Literal["adapter"] = "adapter"
+    path: str                        # the adapter folder
+    base_model: str
+    manifest: dict[str, Any] | None  # the lineage of its training manifest (None: trained elsewhere)
+
+
+class ModelCard(Wire):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "cai"
+    cai: BaseModelInfo | AdapterInfo
+
+
+class ModelList(Wire):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Constitutions (the shapes of ConstitutionRegistry.describe)
+
+
+class LoadErrorInfo(Wire):
+    """A file whose latest edit did not load (what is served from it, if anything, is older)."""
+
+    path: str
+    message: str
+    issues: list[str]
+    at: str                          # ISO time (UTC) the failure was first seen
+
+
+class PrincipleInfo(Wire):
+    id: str
+    sha256: str
+    tags: list[str]
+    weight: float
+
+
+class ConstitutionInfo(Wire):
+    name: str
+    version: str
+    description: str
+    sha256: str
+    path: str
+    loaded_at: str
+    principles: list[PrincipleInfo]
+    exemplars: int                   # how many
+    error: LoadErrorInfo | None
+
+
+class ConstitutionList(Wire):
+    data: list[ConstitutionInfo]
+    errors: list[LoadErrorInfo]

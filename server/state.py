@@ -1,0 +1,78 @@
+"""What one app holds (:class:`ServerState`, on ``app.state.server``): settings, metrics, the constitution registry,
+and once the model has loaded, the engine and the serving classes built over it (:class:`Services`). No module-level
+state: two apps in one process (tests) share nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.admin.metrics import Metrics
+from server.admin.protocol import Health
+from server.admin.serving import ModelListing
+from server.constitutions import ConstitutionRegistry
+from server.critique.pipeline import Pipeline
+from server.critique.serving import CritiqueServing
+from server.errors import Unavailable
+from server.openai.serving import ChatServing
+from server.settings import Limits, Settings
+from server.user_text import SpecialTokenFilter
+
+
+@dataclass
+class Services:
+    """The serving classes over one engine (none knows of HTTP; the routes fetch them through ``server.deps``)."""
+
+    chat: ChatServing
+    critique: CritiqueServing
+    models: ModelListing
+    neutralise: SpecialTokenFilter      # the user-text filter both the chat and the critique routes apply
+
+    @classmethod
+    def build(cls, engine: Any, registry: ConstitutionRegistry, limits: Limits, manifests: dict[str, dict | None],
+              on_usage: Callable[[str, int, int], None]) -> Services:
+        neutralise = SpecialTokenFilter(engine.tokenizer)
+        pipeline = Pipeline(engine, registry)
+        return cls(ChatServing(engine, pipeline, neutralise, limits, on_usage),
+                   CritiqueServing(engine, pipeline, neutralise, limits, on_usage),
+                   ModelListing(engine, manifests), neutralise)
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    registry: ConstitutionRegistry | None = None
+    engine: Any = None                          # server.engine.Engine once loaded
+    services: Services | None = None
+    manifests: dict[str, dict | None] = field(default_factory=dict)
+    draining: bool = False
+    load_error: str | None = None
+    on_fatal: Callable[[BaseException], None] | None = None   # told when the model cannot be loaded
+
+    def ready(self) -> Services:
+        """The services, or Unavailable (503) while loading, after a failed load, or once the engine died."""
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        if self.load_error is not None:
+            raise Unavailable(f"the model failed to load: {self.load_error}")
+        if self.services is None:
+            raise Unavailable("the model is loading", retry_after=5)
+        if self.engine.error:
+            raise Unavailable(f"the inference worker failed: {self.engine.error}")
+        return self.services
+
+    def health(self) -> tuple[int, Health]:
+        """(status, body) of ``/health``: 200 only while the engine runs."""
+        if self.draining:
+            return 503, Health(status="draining")
+        if self.load_error is not None:
+            return 503, Health(status="failed", error=self.load_error)
+        if self.engine is None:
+            return 503, Health(status="loading")
+        if self.engine.error or not self.engine.running:
+            return 503, Health(status="failed", error=self.engine.error or "the inference worker is not running")
+        return 200, Health(status="ok", models=self.engine.model_names, device=self.engine.device,
+                           dtype=self.engine.dtype, queue_depth=self.engine.queue_depth,
+                           in_flight=self.engine.in_flight)

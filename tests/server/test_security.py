@@ -1,0 +1,118 @@
+"""API keys on every route (and the ways around them), the key file, and the body cap."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from fixtures.server_fixtures import (
+    KEY,
+)
+
+pytest_plugins = ["fixtures.server_fixtures"]     # files, app, client, served
+
+
+def _census(app) -> list[tuple[str, str]]:
+    """(method, path) of every route the app serves, routers included (FastAPI keeps included routers as one entry
+    of app.routes: iter_route_contexts flattens them). A route of a kind the census cannot call fails the test."""
+    from fastapi.routing import iter_route_contexts
+    from starlette.routing import Route
+
+    out = []
+    for context in iter_route_contexts(app.routes):
+        route = context.original_route
+        if not isinstance(route, Route):
+            raise AssertionError(f"route of unknown kind {route!r}: add it to the census")
+        for method in sorted(route.methods or {"GET"}):
+            out.append((method, context.path.replace("{name}", "default")))
+    return out
+
+
+def test_every_route_but_health_needs_a_key(app, client):
+    from starlette.testclient import TestClient
+
+    census = _census(app)
+    paths = {p for _, p in census}
+    assert {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/critique", "/v1/revise",
+            "/v1/constitutions", "/v1/constitutions/default", "/openapi.json", "/docs"} <= paths
+    anonymous = TestClient(app)                              # the app is already started by `client`
+    for method, path in census:
+        r = anonymous.request(method, path, json={} if method == "POST" else None)
+        if path == "/health":
+            assert r.status_code == 200, (method, path)
+        else:
+            assert r.status_code == 401, (method, path, r.status_code)
+            assert r.headers["www-authenticate"] == "Bearer"
+            if method != "HEAD":
+                assert r.json()["error"]["code"] == "invalid_api_key"
+        if method == "GET":                                   # and with the key, each answers
+            assert client.request(method, path).status_code < 400, (method, path)
+
+
+@pytest.mark.parametrize("path", ["//v1/models", "/v1//models", "/health/", "//health", "/health/../v1/models",
+                                  "/HEALTH", "/v1/models?x=/health"])
+def test_paths_that_look_like_open_ones_still_need_a_key(app, client, path):
+    from starlette.testclient import TestClient
+
+    r = TestClient(app).get(path)
+    assert r.status_code == 401, (path, r.status_code)
+
+
+@pytest.mark.parametrize("headers", [
+    {"Host": "localhost/health"},
+    {"Host": "127.0.0.1:8000", "X-Forwarded-For": "127.0.0.1", "X-Original-URL": "/health"},
+    {"Authorization": f"Basic {KEY}"},
+    {"Authorization": KEY},
+    {"Authorization": "Bearer wrong-key-0123456789"},
+    {"Authorization": f"Bearer {KEY}x"},
+    {"Authorization": f"Bearer {KEY[:-1]}"},
+    {"Authorization": "Bearer "},
+], ids=["host", "forwarded", "basic", "no-scheme", "wrong-key", "longer-key", "prefix-key", "empty-key"])
+def test_crafted_headers_and_wrong_keys_are_refused(app, client, headers):
+    from starlette.testclient import TestClient
+
+    r = TestClient(app).get("/v1/models", headers=headers)
+    assert r.status_code == 401
+
+
+def test_the_key_scheme_is_case_insensitive_and_any_listed_key_works(app, client):
+    from starlette.testclient import TestClient
+
+    assert TestClient(app).get("/v1/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
+
+
+def test_a_crafted_host_header_over_a_real_socket(served):
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1/health\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 401")
+
+
+def test_load_api_keys_and_bad_key_files(tmp_path, monkeypatch):
+    from cai.core.errors import CaiError
+    from server.security import key_matches, load_api_keys
+
+    f = tmp_path / "k.txt"
+    f.write_text("# comment\n\nfirst-key-123\n  second-key-456  \n")
+    monkeypatch.setenv("KEYS", "env-key-789, other-key-000")
+    assert load_api_keys(f, "KEYS") == ["first-key-123", "second-key-456", "env-key-789", "other-key-000"]
+    assert key_matches(b"second-key-456", ["first-key-123", "second-key-456"])
+    assert not key_matches(b"second-key-45", ["second-key-456"])
+    for text, match in [("short\n", "at least 8"), ("# only comments\n", "holds no key"),
+                        ("has space inside\n", "no spaces")]:
+        f.write_text(text)
+        with pytest.raises(CaiError, match=match):
+            load_api_keys(f)
+    with pytest.raises(CaiError, match="cannot read"):
+        load_api_keys(tmp_path / "missing.txt")
+
+
+def test_chunked_bodies_over_the_cap_get_413(client):
+    def chunks():
+        for _ in range(12):
+            yield b"x" * (64 * 1024)
+
+    r = client.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
