@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Helper modules that test files import by name (tests/<dir>/ is on sys.path): pytest rewrites their asserts too.
-pytest.register_assert_rewrite("train_fixtures")
+pytest.register_assert_rewrite("train_fixtures", "data_fixtures")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
