@@ -13,6 +13,8 @@ Layout::
     RUN/superseded.jsonl    records whose key changed (a constitution edit), kept
     RUN/stages.jsonl        the model-call cache (cai.generate.store)
     RUN/errors.jsonl        requests that failed, prompts left out
+    RUN/preferences.jsonl   one Preference a line: AI-feedback labels of answer pairs (cai.core.preference)
+    RUN/label/check.json    the labeller's check of its labels (accuracy, calibration, position bias)
     RUN/data/               training rows and their card (cai.data)
     RUN/helpful/            helpfulness answers mixed into SFT (a run folder of its own)
     RUN/adapters/<stage>/   a trained adapter and its manifest.json (cai.train)
@@ -39,6 +41,8 @@ STAGES = "stages.jsonl"
 ERRORS = "errors.jsonl"
 PREFERENCES = "preferences.jsonl"
 REVIEWS = "reviews.jsonl"
+LABEL_DIR = "label"
+LABEL_CHECK = "check.json"
 DATA_DIR = "data"
 HELPFUL_DIR = "helpful"
 ADAPTERS_DIR = "adapters"
@@ -118,6 +122,16 @@ class RunFolder:
     @property
     def preferences(self) -> Path:
         return self.root / PREFERENCES
+
+    @property
+    def label_dir(self) -> Path:
+        """What the labeller writes beside ``preferences.jsonl`` (its check card)."""
+        return self.root / LABEL_DIR
+
+    @property
+    def label_check(self) -> Path:
+        """The labeller's check of its labels: a JSON object of figures (``accuracy``, ``ece``, ...)."""
+        return self.label_dir / LABEL_CHECK
 
     @property
     def reviews(self) -> Path:
