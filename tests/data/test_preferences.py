@@ -17,7 +17,7 @@ from cai.core.record import Record, read_records
 from cai.data.build import BuildOptions, build_datasets
 from cai.data.preferences import MAX_MARGIN, margin
 
-from conftest import prompt_rows
+from conftest import preference_line, prompt_rows, write_preferences
 from data_fixtures import copy_run, make_run, read_rows
 
 
@@ -34,27 +34,6 @@ def records_run(tmp_path_factory) -> Path:
         return make_run(tmp_path_factory.mktemp("prefs") / "run", prompt_rows(40))
 
 
-def pref(rec: Record, label: float | None, *, n: int = 0, model: str = "judge-7b",
-         principles: tuple[str, ...] = ("harmless", "ethical"), texts: tuple[str, str] | None = None,
-         sources: tuple[str, str] = ("record:final", "record:initial")) -> dict:
-    """A preferences.jsonl line about a record: responses[0] its final revision, responses[1] its initial answer."""
-    a, b = texts or (rec.final, rec.initial)
-    judgements = [{"principle": p, "principle_sha256": hashlib.sha256(p.encode()).hexdigest(), "order": order,
-                   "p_a": label, "p_first": label if order == "ab" else (None if label is None else 1 - label)}
-                  for p in principles for order in ("ab", "ba")]
-    return {"id": f"pair-{rec.id[:12]}-{n}", "prompt_id": rec.prompt_id, "messages": [dict(m) for m in rec.messages],
-            "responses": [{"text": a, "source": sources[0], "record": rec.id},
-                          {"text": b, "source": sources[1], "record": rec.id}],
-            "judgements": judgements, "label": label, "status": "unlabelled" if label is None else "labelled",
-            "provenance": {"feedback_model": model, "principles": list(principles), "orders": ["ab", "ba"]}}
-
-
-def write_prefs(run: Path, lines: list[dict]) -> Path:
-    path = run / "preferences.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
-
-
 def convo(messages: list[dict]) -> str:
     return json.dumps(messages, sort_keys=True)
 
@@ -67,7 +46,7 @@ LABELS = [0.9, 0.2, 0.5, None, 0.55, 0.97, 0.35, None]
 def labelled_run(records_run, tmp_path) -> tuple[Path, list[Record]]:
     run = copy_run(records_run, tmp_path / "run")
     recs = read_records(run)
-    write_prefs(run, [pref(r, label) for r, label in zip(recs, LABELS, strict=False)])
+    write_preferences(run, [preference_line(r, label) for r, label in zip(recs, LABELS, strict=False)])
     return run, recs
 
 
@@ -144,11 +123,11 @@ def test_soft_labels_with_a_cut_keep_the_probabilities_above_it(labelled_run):
 def test_a_pair_of_equal_texts_or_a_flagged_answer_is_left_out_and_counted(records_run, tmp_path):
     run = copy_run(records_run, tmp_path / "run")
     recs = read_records(run)
-    lines = [pref(recs[0], 0.9), pref(recs[1], 0.8, texts=("Same  answer.", "Same answer.")),
-             pref(recs[2], 0.7, texts=("A real answer.", "   ")),
-             pref(recs[3], 0.7, texts=("Flagged by the labeller.", "Other."))]
+    lines = [preference_line(recs[0], 0.9), preference_line(recs[1], 0.8, texts=("Same  answer.", "Same answer.")),
+             preference_line(recs[2], 0.7, texts=("A real answer.", "   ")),
+             preference_line(recs[3], 0.7, texts=("Flagged by the labeller.", "Other."))]
     lines[3]["responses"][0]["flags"] = ["truncated"]
-    write_prefs(run, lines)
+    write_preferences(run, lines)
     card = build_datasets(run, BuildOptions(test_size=0, preferences=True))
     assert card.counts["dpo_train"] == 1
     assert card.preferences["left_out"] == {"no_pair": 1, "empty": 1, "truncated": 1}
@@ -218,7 +197,7 @@ def test_reward_rows_pass_trl_reward_preparation_with_the_margin(labelled_run, t
 def test_a_prompt_held_out_of_sft_is_held_out_of_dpo_and_reward(records_run, tmp_path):
     run = copy_run(records_run, tmp_path / "run")
     recs = read_records(run)
-    write_prefs(run, [pref(r, 0.8 if i % 2 else 0.3) for i, r in enumerate(recs)])
+    write_preferences(run, [preference_line(r, 0.8 if i % 2 else 0.3) for i, r in enumerate(recs)])
     card = build_datasets(run, BuildOptions(test_size=0.25, preferences=True))
     split = {name: {convo(r["prompt"]) for r in read_rows(run, name)}
              for name in ("sft_train", "sft_test", "dpo_train", "dpo_test", "reward_train", "reward_test")}
@@ -302,13 +281,13 @@ def test_no_preferences_file_is_a_data_error_naming_it_and_cai_label(records_run
 def test_a_preferences_file_with_every_pair_unlabelled_is_a_data_error(records_run, tmp_path):
     run = copy_run(records_run, tmp_path / "run")
     recs = read_records(run)
-    write_prefs(run, [pref(r, None) for r in recs[:5]])
+    write_preferences(run, [preference_line(r, None) for r in recs[:5]])
     with pytest.raises(DataError) as e:
         build_datasets(run, BuildOptions(preferences=True))
     assert "preferences.jsonl" in e.value.message and "none of its 5 pairs is labelled" in e.value.message
     assert "cai label" in e.value.hint
     assert not (run / "data").exists()
-    write_prefs(run, [])
+    write_preferences(run, [])
     with pytest.raises(DataError, match="holds no pairs"):
         build_datasets(run, BuildOptions(preferences=True))
 
@@ -351,9 +330,9 @@ def test_label_options_without_preferences_are_a_data_error(labelled_run):
 def test_a_malformed_pair_is_a_data_error_naming_the_file_and_pair(records_run, tmp_path, change, words):
     run = copy_run(records_run, tmp_path / "run")
     recs = read_records(run)
-    lines = [pref(r, 0.8) for r in recs[:3]]
+    lines = [preference_line(r, 0.8) for r in recs[:3]]
     change(lines[1])
-    write_prefs(run, lines)
+    write_preferences(run, lines)
     with pytest.raises(DataError) as e:
         build_datasets(run, BuildOptions(preferences=True))
     assert words in e.value.message and "preferences.jsonl" in e.value.message and lines[1]["id"] in e.value.message
