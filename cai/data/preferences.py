@@ -95,7 +95,8 @@ def _same(a: str, b: str) -> bool:
 
 def _flags(resp: Response, records: dict[str, Record]) -> list[str]:
     """An answer's flags: its own (a labeller may write ``flags``), those of the record text it is, and ``empty``."""
-    flags = list(getattr(resp, "flags", None) or [])
+    own = getattr(resp, "flags", None)
+    flags = [str(f) for f in own] if isinstance(own, list) else []
     rec = records.get(resp.record) if resp.record else None
     if rec is not None and resp.source == "record:initial":
         flags += rec.initial_flags

@@ -124,6 +124,12 @@ class SoftDPOTrainer(DPOTrainer):
         if LABEL not in columns:
             columns.append(LABEL)
 
+    def compute_ref_log_probs(self, model, inputs):
+        # TRL passes every key it does not know on to the model, and its precompute (at evaluate(dataset)) calls this
+        # with batches from the wrapped collator: the label is not the model's (a forward that takes **kwargs would
+        # ignore it, one that checks its arguments would fail)
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != LABEL})
+
     def _compute_loss(self, model, inputs, return_outputs):
         if LABEL not in inputs:
             return super()._compute_loss(model, inputs, return_outputs)

@@ -41,7 +41,7 @@ def test_soft_dpo_loss_equals_the_formula_on_hand_made_logratios():
     label = torch.tensor([0.8, 0.6, 0.5, 1.0, 0.0])
     beta = 0.7
     got = soft_dpo_loss(chosen, rejected, label, beta)
-    c, r = chosen.tolist(), rejected.tolist()
+    c, r, values = chosen.tolist(), rejected.tolist(), got.detach().tolist()
 
     def logsig(x: float) -> float:
         return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
@@ -49,9 +49,9 @@ def test_soft_dpo_loss_equals_the_formula_on_hand_made_logratios():
     for i in range(5):
         x, p = beta * (c[i] - r[i]), float(label[i])
         want = -p * logsig(x) - (1 - p) * logsig(-x)
-        assert float(got[i]) == pytest.approx(want, rel=1e-6, abs=1e-7), i
-    assert float(got[2]) == pytest.approx(math.log(2))            # Δ = 0: log 2 whatever the label
-    assert float(got[3]) == pytest.approx(0.0, abs=1e-12)         # certain and right: no loss, and finite
+        assert values[i] == pytest.approx(want, rel=1e-6, abs=1e-7), i
+    assert values[2] == pytest.approx(math.log(2))            # Δ = 0: log 2 whatever the label
+    assert values[3] == pytest.approx(0.0, abs=1e-12)         # certain and right: no loss, and finite
     # d loss / d chosen_logratio = β·(σ(βΔ) − p): no push once the policy's preference matches the label
     got.sum().backward()
     for i in range(5):
@@ -179,6 +179,17 @@ def test_the_label_column_survives_dataset_preparation_and_reaches_the_loss(tiny
 
     plain = _trainer(tiny_model_dir, tmp_path / "plain", _pairs(4, labels), cls=DPOTrainer)
     assert "label" not in next(iter(plain.get_train_dataloader()))
+
+
+def test_precomputed_reference_log_probs_and_evaluate_on_a_new_dataset_take_the_label(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    trainer = _trainer(tiny_model_dir, tmp_path, _pairs(4, [0.9, 0.6, 0.75, 0.55]), precompute_ref_log_probs=True)
+    assert {"ref_chosen_logps", "ref_rejected_logps", "label"} <= set(trainer.train_dataset.column_names)
+    assert math.isfinite(trainer.train().training_loss)
+    # evaluate() on a dataset given then precomputes its reference log-probs through the collator that adds the label
+    metrics = trainer.evaluate(Dataset.from_list(_pairs(2, [0.8, 0.7])))
+    assert math.isfinite(metrics["eval_loss"]) and metrics["eval_labels/mean"] == pytest.approx(0.75)
 
 
 def test_without_a_label_column_it_trains_as_trls_sigmoid_dpo(tiny_model_dir, tmp_path):
