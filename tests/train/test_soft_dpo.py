@@ -381,4 +381,13 @@ def test_soft_label_dpo_resumes_from_its_checkpoint_and_refuses_other_labels(lab
     assert manifest["resumed_from_step"] == 2 and manifest["steps"] == 4
     assert manifest["labels"]["mode"] == "soft"
     state = json.loads((ckpts / "checkpoint-4" / "trainer_state.json").read_text())
-    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    resumed = [(h["step"], h["loss"], h["labels/mean"]) for h in state["log_history"] if "loss" in h]
+    assert [s for s, _, _ in resumed] == [1, 2, 3, 4]
+    # the same run as one without the interruption: data order (labels included), optimizer and schedule restored
+    whole = copy_run(labelled_sft_run, tmp_path / "whole", adapters=True)
+    assert main(["data", "build", str(whole), "--preferences"]) == 0
+    train(parse_config("dpo", whole, "soft-labels", flags))
+    state = json.loads((whole / "adapters" / "dpo" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    uninterrupted = [(h["step"], h["loss"], h["labels/mean"]) for h in state["log_history"] if "loss" in h]
+    assert [m for _, _, m in resumed] == [m for _, _, m in uninterrupted]
+    assert [x for _, x, _ in resumed] == pytest.approx([x for _, x, _ in uninterrupted], rel=1e-5)
