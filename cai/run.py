@@ -13,11 +13,11 @@ Layout::
     RUN/superseded.jsonl    records whose key changed (a constitution edit), kept
     RUN/stages.jsonl        the model-call cache (cai.generate.store)
     RUN/errors.jsonl        requests that failed, prompts left out
-    RUN/preferences.jsonl   one Preference a line: AI-feedback labels of answer pairs (cai.core.preference)
-    RUN/label/check.json    the labeller's check of its labels (accuracy, calibration, position bias)
     RUN/data/               training rows and their card (cai.data)
     RUN/helpful/            helpfulness answers mixed into SFT (a run folder of its own)
     RUN/adapters/<stage>/   a trained adapter and its manifest.json (cai.train)
+    RUN/preferences.jsonl   one Preference a line: AI-feedback soft labels of answer pairs (cai.label)
+    RUN/label/              the labeller's caches (samples.jsonl, judgements.jsonl), card.json, check.json
     RUN/eval/               answers, judgements, report.json, report.html (cai.evaluation)
 """
 
@@ -40,14 +40,14 @@ SUPERSEDED = "superseded.jsonl"
 STAGES = "stages.jsonl"
 ERRORS = "errors.jsonl"
 PREFERENCES = "preferences.jsonl"
+LABEL_CHECK = "check.json"          # in LABEL_DIR: the labeller's check (``cai label RUN --check``)
 REVIEWS = "reviews.jsonl"
-LABEL_DIR = "label"
-LABEL_CHECK = "check.json"
 DATA_DIR = "data"
 HELPFUL_DIR = "helpful"
 ADAPTERS_DIR = "adapters"
 MANIFEST = "manifest.json"
 EVAL_DIR = "eval"
+LABEL_DIR = "label"
 ITERATIONS_DIR = "iterations"
 
 
@@ -124,14 +124,10 @@ class RunFolder:
         return self.root / PREFERENCES
 
     @property
-    def label_dir(self) -> Path:
-        """What the labeller writes beside ``preferences.jsonl`` (its check card)."""
-        return self.root / LABEL_DIR
-
-    @property
     def label_check(self) -> Path:
-        """The labeller's check of its labels: a JSON object of figures (``accuracy``, ``ece``, ...)."""
-        return self.label_dir / LABEL_CHECK
+        """The labeller's check of its labels (``cai label RUN --check``): accuracy, calibration and position bias on
+        pairs whose better answer is known, with their intervals."""
+        return self.root / LABEL_DIR / LABEL_CHECK
 
     @property
     def reviews(self) -> Path:
@@ -159,6 +155,11 @@ class RunFolder:
     @property
     def eval_dir(self) -> Path:
         return self.root / EVAL_DIR
+
+    @property
+    def label_dir(self) -> Path:
+        """The labeller's caches and cards (``cai label``)."""
+        return self.root / LABEL_DIR
 
     @property
     def iterations_dir(self) -> Path:

@@ -215,7 +215,9 @@ def preference_line(rec, label: float | None, *, n: int = 0, model: str = "judge
             "responses": [{"text": a, "source": sources[0], "record": rec.id},
                           {"text": b, "source": sources[1], "record": rec.id}],
             "judgements": judgements, "label": label, "status": "unlabelled" if label is None else "labelled",
-            "provenance": {"feedback_model": model, "principles": list(principles), "orders": ["ab", "ba"]}}
+            "provenance": {"feedback": {"backend": "local", "model": model, "revision": None, "adapter": None},
+                           "principles": list(principles), "orders": ["ab", "ba"], "cot": False, "clamp": None,
+                           "seed": 0, "policy": "records"}}
 
 
 def write_preferences(run: Path, lines: list[dict]) -> Path:

@@ -67,7 +67,8 @@ def preference_data(folder: RunFolder, records: list[Record], *, mode: str, min_
     rows = preference_rows(prefs, records, mode=mode, min_confidence=min_confidence, allow=allow,
                            shown=folder.shown(folder.preferences))
     rows.sha256 = sha256
-    rows.check = read_check(folder, sha256)
+    labelled = [p for p in prefs if p.label is not None and p.status != "unlabelled"]
+    rows.check = read_check(folder, sorted({model_name(feedback_identity(p.provenance)) for p in labelled}))
     return rows
 
 
@@ -200,13 +201,25 @@ def histogram(values: list[float]) -> list[dict]:
     return bins
 
 
-def _model_name(prov: dict[str, Any]) -> str:
-    """The feedback model a pair's provenance names (``feedback_model``: a name, or a mapping with ``id``/``name``;
-    ``model`` as a fallback), or ``unknown``."""
-    m = prov.get("feedback_model", prov.get("model"))
-    if isinstance(m, dict):
-        m = m.get("id") or m.get("name") or m.get("model")
-    return str(m) if m else "unknown"
+def feedback_identity(prov: dict[str, Any]) -> dict[str, Any]:
+    """What labelled a pair, as its provenance says: ``feedback`` (``cai label`` writes ``{backend, model, revision,
+    adapter}``), or a bare ``feedback_model`` name; ``{"model": "unknown"}`` when it names none."""
+    m = prov.get("feedback", prov.get("feedback_model"))
+    if isinstance(m, dict) and m.get("model"):
+        return {k: v for k, v in m.items() if v is not None}
+    return {"model": str(m) if m else "unknown"}
+
+
+def model_name(identity: dict[str, Any]) -> str:
+    """A feedback identity as one name: the model, ``@revision`` when pinned, ``+ adapter`` when one was on."""
+    name = str(identity.get("model"))
+    if identity.get("revision") not in (None, "main"):
+        name += f"@{identity['revision']}"
+    adapter = identity.get("adapter")
+    if adapter:
+        name += f" + {adapter.get('path') or adapter.get('name') or 'adapter'}" if isinstance(adapter, dict) \
+            else f" + {adapter}"
+    return name
 
 
 def _mean(values: list[float]) -> float | None:
@@ -216,7 +229,7 @@ def _mean(values: list[float]) -> float | None:
 def label_figures(rows: PreferenceRows, used: int) -> dict[str, Any]:
     """The card's ``preferences`` section; ``used``: the DPO rows written (after duplicates are dropped)."""
     labelled = [p for p in rows.prefs if p.label is not None and p.status != "unlabelled"]
-    models = Counter(_model_name(p.provenance) for p in labelled)
+    models = Counter(model_name(feedback_identity(p.provenance)) for p in labelled)
     principles: dict[tuple[str, str], int] = Counter()
     for p in labelled:
         for j in p.judgements:
@@ -231,55 +244,80 @@ def label_figures(rows: PreferenceRows, used: int) -> dict[str, Any]:
         "confidence": {"mean": _mean(lv), "min": round(min(lv), 4), "max": round(max(lv), 4),
                        "kept_mean": _mean(rows.kept), "histogram": histogram(lv)},
         "feedback_models": [{"model": m, "pairs": n} for m, n in sorted(models.items())],
+        "feedback_identities": [json.loads(x) for x in sorted({json.dumps(feedback_identity(p.provenance),
+                                                                          sort_keys=True) for p in labelled})],
         "principles": [{"id": i, "sha256": s, "judgements": n} for (i, s), n in sorted(principles.items())],
         "check": rows.check,
     }
 
 
-def read_check(folder: RunFolder, preferences_sha256: str) -> dict | None:
-    """The labeller's check card (``RUN/label/check.json``) as the card holds it: the file, its sha256 and its
-    figures, ``stale`` when it names another ``preferences.jsonl`` than the one read; None when there is none."""
+def read_check(folder: RunFolder, feedback: list[str]) -> dict | None:
+    """The labeller's check card (``RUN/label/check.json``, written by ``cai label RUN --check``) as the card holds
+    it: the file, its sha256, its figures, and ``other_feedback`` when the model it checked is none of ``feedback``
+    (the models that labelled the pairs: then its figures do not qualify these labels); None when there is none."""
     path = folder.label_check
     if not path.exists():
         return None
+    again = f"Run `cai label {folder.shown()} --check` again, or remove the file to build without it."
     try:
         figures = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{folder.shown(path)} is unreadable ({e})",
-                        hint=f"It is the labeller's check of its labels: run `cai label {folder.shown()}` again, or "
-                             "remove the file to build without it.") from None
+                        hint=f"It is the labeller's check of its labels. {again}") from None
     if not isinstance(figures, dict):
-        raise DataError(f"{folder.shown(path)} is not a JSON object of figures",
-                        hint=f"Run `cai label {folder.shown()}` again, or remove the file to build without it.")
-    named = figures.get("preferences_sha256")
+        raise DataError(f"{folder.shown(path)} is not a JSON object of figures", hint=again)
+    checked = figures.get("feedback")
+    other = isinstance(checked, dict) and model_name(feedback_identity({"feedback": checked})) not in feedback
     return {"file": folder.rel(path), "sha256": file_sha256(path), "figures": figures,
-            "stale": bool(named) and named != preferences_sha256}
+            "feedback": model_name(feedback_identity({"feedback": checked})) if checked else None,
+            "other_feedback": other}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The card's text
 
 
+# entries of check.json that say how the check was made, not how good the labels are
+_NOT_FIGURES = {"feedback", "settings", "constitution", "check_set"}
+_POINT = ("value", "rate", "estimate", "mean", "point")
+
+
 def _number(v: Any) -> str | None:
     return f"{v:.3g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def figure_text(v: Any) -> str | None:
-    """A check figure as text: ``0.82``, or ``0.82 [0.75, 0.88]`` for ``{"value", "interval"}`` (also ``estimate``,
-    ``mean``; ``ci``, ``ci95``, or ``low``/``high``); None for what is not a figure (see card.json)."""
+def _interval(v: Any) -> str:
+    lo_hi = v if isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(x) for x in v) else None
+    return f" [{_number(lo_hi[0])}, {_number(lo_hi[1])}]" if lo_hi else ""
+
+
+def figure_text(v: Any, depth: int = 0) -> str | None:
+    """A check figure as text, None for what is not one (it is still in card.json): a number (``0.041``); a point
+    with its interval (``{"rate"|"value"|"estimate"|"mean", "lo", "hi"}`` or an ``interval``/``ci`` list: ``0.82
+    [0.75, 0.88]``, with ``(k/n)`` when it counts); a mapping of such (``position_bias``, ``by_kind``), one level
+    deep, where ``x_ci`` is the interval of ``x``."""
     if _number(v):
         return _number(v)
     if not isinstance(v, dict):
         return None
-    point = next((_number(v[k]) for k in ("value", "estimate", "mean", "point") if _number(v.get(k))), None)
-    if point is None:
-        return None
-    iv = next((v[k] for k in ("interval", "ci", "ci95") if isinstance(v.get(k), (list, tuple))), None)
-    if iv is None and _number(v.get("low")) and _number(v.get("high")):
-        iv = [v["low"], v["high"]]
-    if iv is not None and len(iv) == 2 and all(_number(x) for x in iv):
-        return f"{point} [{_number(iv[0])}, {_number(iv[1])}]"
-    return point
+    point = next((_number(v[k]) for k in _POINT if _number(v.get(k))), None)
+    if point is not None:
+        iv = next((v[k] for k in ("interval", "ci", "ci95") if isinstance(v.get(k), (list, tuple))), None)
+        for lo, hi in (("lo", "hi"), ("low", "high")):
+            if iv is None and _number(v.get(lo)) and _number(v.get(hi)):
+                iv = [v[lo], v[hi]]
+        counts = f" ({v['k']}/{v['n']})" if isinstance(v.get("k"), int) and isinstance(v.get("n"), int) else ""
+        return point + _interval(iv) + counts
+    if depth > 0 or any(k in v for k in _POINT):
+        return None     # a point that is not a number (none measured) or a mapping too deep to read in one line
+    parts = []
+    for key, sub in v.items():
+        if key.endswith("_ci"):
+            continue
+        text = figure_text(sub, depth + 1)
+        if text is not None:
+            parts.append(f"{key} {text}{_interval(v.get(f'{key}_ci')) if _number(sub) else ''}")
+    return "(" + ", ".join(parts) + ")" if parts else None
 
 
 def render_labels(p: dict[str, Any]) -> list[str]:
@@ -311,10 +349,14 @@ def render_labels(p: dict[str, Any]) -> list[str]:
         lines.append(f"| [{b['from']}, {b['to']}{close} | {b['pairs']} | {'█' * round(20 * b['pairs'] / top)} |")
     check = p.get("check")
     if check:
-        shown = [(k, figure_text(v)) for k, v in check["figures"].items()]
-        lines += ["", f"The labeller's check of these labels (`{check['file']}`, sha256 `{check['sha256'][:16]}`)"
-                      + (" **was made on another preferences.jsonl**" if check["stale"] else "") + ": "
-                      + (", ".join(f"{k} {t}" for k, t in shown if t) or "no figures") + "."]
+        shown = [(k, figure_text(v)) for k, v in check["figures"].items() if k not in _NOT_FIGURES]
+        who = f" of {check['feedback']}" if check.get("feedback") else ""
+        lines += ["", f"The labeller's check{who} on pairs whose better answer is known (`{check['file']}`, sha256 "
+                      f"`{check['sha256'][:16]}`): " + ("; ".join(f"{k} {t}" for k, t in shown if t) or "no figures")
+                      + "."]
+        if check.get("other_feedback"):
+            lines.append("**The check was made with another feedback model than the one that labelled these pairs: "
+                         "its figures do not qualify these labels.**")
     lines += ["", "Reward rows (`reward_{train,test}.jsonl`, for TRL's RewardTrainer): `prompt`, `chosen`, `rejected`, "
                   "`margin` = the log-odds of the label, clipped at logit(0.95) ≈ 2.94 (0 for hard labels)."]
     return lines

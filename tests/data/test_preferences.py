@@ -230,6 +230,7 @@ def test_the_card_states_the_label_figures(labelled_run):
     assert [b["pairs"] for b in p["confidence"]["histogram"]] == [2, 1, 0, 1, 2]
     assert [(b["from"], b["to"]) for b in p["confidence"]["histogram"]][::4] == [(0.5, 0.6), (0.9, 1.0)]
     assert p["feedback_models"] == [{"model": "judge-7b", "pairs": 6}]
+    assert p["feedback_identities"] == [{"backend": "local", "model": "judge-7b"}]
     assert [(x["id"], x["judgements"]) for x in p["principles"]] == [("ethical", 12), ("harmless", 12)]
     assert (p["mode"], p["min_confidence"], p["check"]) == ("soft", 0.5, None)
     readme = (run / "data" / "README.md").read_text()
@@ -238,28 +239,54 @@ def test_the_card_states_the_label_figures(labelled_run):
     assert "| [0.9, 1.0] | 2 |" in readme and "| [0.7, 0.8) | 0 |" in readme
 
 
+def _check_json(model: str = "judge-7b") -> dict:
+    """A check card as `cai label RUN --check` writes it (cai.label.check)."""
+    def rate(k: int, n: int, lo: float, hi: float) -> dict:
+        return {"k": k, "n": n, "rate": k / n, "lo": lo, "hi": hi}
+
+    return {"items": 97, "labelled": 96, "accuracy": rate(79, 96, 0.73, 0.88),
+            "accuracy_better_first": rate(85, 96, 0.8, 0.93), "accuracy_one_order": {"k": 0, "n": 0, "rate": None,
+                                                                                    "lo": 0.0, "hi": 1.0},
+            "ece": {"value": 0.041, "lo": 0.02, "hi": 0.09, "n": 96, "interval": "bootstrap over items, 95%"},
+            "position_bias": {"mean_p_first": 0.56, "mean_p_first_ci": [0.52, 0.6], "readings": 384,
+                              "same_position": rate(20, 192, 0.07, 0.16)},
+            "by_kind": {"harm": rate(40, 44, 0.79, 0.96), "over_refusal": rate(14, 24, 0.39, 0.76)},
+            "feedback": {"backend": "local", "model": model, "revision": None, "adapter": None},
+            "settings": {"principles_per_pair": 2, "orders": "both", "cot": False, "clamp": None, "seed": 0},
+            "constitution": {"name": "small", "version": "1", "sha256": "0" * 64},
+            "check_set": {"path": "data/labeller_check.jsonl", "items": 97}}
+
+
 def test_the_labellers_check_card_is_copied_beside_the_labels(labelled_run):
     run, _ = labelled_run
-    sha = hashlib.sha256((run / "preferences.jsonl").read_bytes()).hexdigest()
-    check = {"accuracy": {"value": 0.82, "interval": [0.75, 0.88]}, "ece": 0.041,
-             "position_bias": {"estimate": 0.12, "low": 0.05, "high": 0.2}, "preferences_sha256": sha}
+    check = _check_json()
     (run / "label").mkdir()
     (run / "label" / "check.json").write_text(json.dumps(check))
     build_datasets(run, BuildOptions(test_size=0, preferences=True))
     card = json.loads((run / "data" / "card.json").read_text())["preferences"]["check"]
-    assert card["figures"] == check and card["file"] == "label/check.json" and card["stale"] is False
-    readme = (run / "data" / "README.md").read_text()
-    assert "accuracy 0.82 [0.75, 0.88]" in readme and "ece 0.041" in readme
-    assert "position_bias 0.12 [0.05, 0.2]" in readme and "another preferences.jsonl" not in readme
-    # a check made on another preferences.jsonl is said to be so
-    (run / "label" / "check.json").write_text(json.dumps({**check, "preferences_sha256": "0" * 64}))
+    assert card["figures"] == check and card["file"] == "label/check.json"
+    assert (card["feedback"], card["other_feedback"]) == ("judge-7b", False)
+    assert card["sha256"] == hashlib.sha256((run / "label" / "check.json").read_bytes()).hexdigest()
+    readme = " ".join((run / "data" / "README.md").read_text().split())
+    assert "The labeller's check of judge-7b" in readme
+    assert "accuracy 0.823 [0.73, 0.88] (79/96)" in readme and "ece 0.041 [0.02, 0.09]" in readme
+    assert "position_bias (mean_p_first 0.56 [0.52, 0.6], readings 384, same_position 0.104 [0.07, 0.16] (20/192))" \
+        in readme
+    assert "by_kind (harm 0.909 [0.79, 0.96] (40/44), over_refusal 0.583 [0.39, 0.76] (14/24))" in readme
+    assert "accuracy_one_order" not in readme                   # nothing measured: no figure
+    assert "principles_per_pair" not in readme and "check_set" not in readme     # how, not how good
+    assert "another feedback model" not in readme
+    # a check of another feedback model is said not to qualify these labels
+    (run / "label" / "check.json").write_text(json.dumps(_check_json("other-judge")))
     build_datasets(run, BuildOptions(test_size=0, preferences=True))
-    assert json.loads((run / "data" / "card.json").read_text())["preferences"]["check"]["stale"] is True
-    assert "was made on another preferences.jsonl" in (run / "data" / "README.md").read_text()
-    # an unreadable one stops the build, naming it
+    card = json.loads((run / "data" / "card.json").read_text())["preferences"]["check"]
+    assert (card["feedback"], card["other_feedback"]) == ("other-judge", True)
+    assert "its figures do not qualify these labels" in (run / "data" / "README.md").read_text()
+    # an unreadable one stops the build, naming it and the command that writes it
     (run / "label" / "check.json").write_text("{not json")
-    with pytest.raises(DataError, match=r"label/check.json is unreadable"):
+    with pytest.raises(DataError, match=r"label/check.json is unreadable") as e:
         build_datasets(run, BuildOptions(test_size=0, preferences=True))
+    assert "cai label" in e.value.hint and "--check" in e.value.hint
 
 
 # ---------------------------------------------------------------------------------------------------------------
