@@ -26,8 +26,8 @@ _PROMPT_DIRS = (_PACKAGE / "prompts", _REPO / "data" / "prompts")
 _RECIPE_DIR = _PACKAGE / "recipes"
 
 _CONSTITUTION_SUFFIX = ".yaml"
-_RECIPE_SUFFIX = ".yaml"
 _PROMPTS_SUFFIX = ".jsonl"
+_RECIPE_SUFFIX = ".yaml"
 
 
 def _shipped(dirs: tuple[Path, ...], suffix: str) -> dict[str, Path]:
@@ -90,14 +90,6 @@ def prompts_path(spec: str | Path) -> str:
     return str(spec)
 
 
-def recipe_path(stage: str) -> Path:
-    """The shipped training recipe of a stage (``sft``, ``dpo``): ``cai/resources/recipes/<stage>.yaml``.
-
-    The path is returned even when no such file exists; the caller says which stages there are.
-    """
-    return _RECIPE_DIR / f"{stage}.yaml"
-
-
 def shipped_recipes() -> list[str]:
     """Names of the shipped training recipes (``dpo``, ``sft``, ``soft-labels``), sorted."""
     return sorted(_shipped((_RECIPE_DIR,), _RECIPE_SUFFIX))
@@ -115,3 +107,11 @@ def recipe_file(spec: str | Path) -> Path:
         return shipped[name]
     raise ConfigError(f"config file {spec} not found (not a file, nor a shipped recipe: "
                       f"{', '.join(sorted(shipped)) or 'none found'})")
+
+
+def recipe_path(stage: str) -> Path:
+    """The shipped training recipe of a stage (``sft``, ``dpo``): ``cai/resources/recipes/<stage>.yaml``.
+
+    The path is returned even when no such file exists; the caller says which stages there are.
+    """
+    return _RECIPE_DIR / f"{stage}.yaml"
