@@ -40,6 +40,7 @@ SUPERSEDED = "superseded.jsonl"
 STAGES = "stages.jsonl"
 ERRORS = "errors.jsonl"
 PREFERENCES = "preferences.jsonl"
+LABEL_CHECK = "check.json"          # in LABEL_DIR: the labeller's check (``cai label RUN --check``)
 REVIEWS = "reviews.jsonl"
 DATA_DIR = "data"
 HELPFUL_DIR = "helpful"
@@ -121,6 +122,12 @@ class RunFolder:
     @property
     def preferences(self) -> Path:
         return self.root / PREFERENCES
+
+    @property
+    def label_check(self) -> Path:
+        """The labeller's check of its labels (``cai label RUN --check``): accuracy, calibration and position bias on
+        pairs whose better answer is known, with their intervals."""
+        return self.root / LABEL_DIR / LABEL_CHECK
 
     @property
     def reviews(self) -> Path:

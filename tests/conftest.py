@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Helper modules that test files import by name (tests/<dir>/ is on sys.path): pytest rewrites their asserts too.
-pytest.register_assert_rewrite("train_fixtures", "fixtures.server_fixtures", "fixtures.engine_fixtures")
+pytest.register_assert_rewrite("train_fixtures", "data_fixtures", "fixtures.server_fixtures",
+                               "fixtures.engine_fixtures")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -195,3 +197,31 @@ def copy_model_without_chat_template(src: Path, dst: Path) -> Path:
     cfg.pop("chat_template", None)
     cfg_path.write_text(json.dumps(cfg))
     return dst
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preferences (what `cai label` writes)
+
+
+def preference_line(rec, label: float | None, *, n: int = 0, model: str = "judge-7b",
+                    principles: tuple[str, ...] = ("harmless", "ethical"), texts: tuple[str, str] | None = None,
+                    sources: tuple[str, str] = ("record:final", "record:initial")) -> dict:
+    """A preferences.jsonl line (cai.core.preference) about a Record: ``responses[0]`` its final revision,
+    ``responses[1]`` its initial answer (or ``texts``), ``label`` = P(responses[0] is better), None: unlabelled."""
+    a, b = texts or (rec.final, rec.initial)
+    judgements = [{"principle": p, "principle_sha256": hashlib.sha256(p.encode()).hexdigest(), "order": order,
+                   "p_a": label, "p_first": label if order == "ab" else (None if label is None else 1 - label)}
+                  for p in principles for order in ("ab", "ba")]
+    return {"id": f"pair-{rec.id[:12]}-{n}", "prompt_id": rec.prompt_id, "messages": [dict(m) for m in rec.messages],
+            "responses": [{"text": a, "source": sources[0], "record": rec.id},
+                          {"text": b, "source": sources[1], "record": rec.id}],
+            "judgements": judgements, "label": label, "status": "unlabelled" if label is None else "labelled",
+            "provenance": {"feedback": {"backend": "local", "model": model, "revision": None, "adapter": None},
+                           "principles": list(principles), "orders": ["ab", "ba"], "cot": False, "clamp": None,
+                           "seed": 0, "policy": "records"}}
+
+
+def write_preferences(run: Path, lines: list[dict]) -> Path:
+    path = run / "preferences.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

@@ -1,4 +1,5 @@
-"""``cai data build``: a run's records → RUN/data/{sft,dpo}_{train,test}.jsonl and a dataset card."""
+"""``cai data build``: a run's records (and, with ``--preferences``, its AI-feedback labels) →
+RUN/data/{sft,dpo}_{train,test}.jsonl (+ reward_{train,test}.jsonl) and a dataset card."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ class DataBuildArgs:
     allow_flag: list[str] = option([], "keep texts with this flag (empty, echo, truncated, unchanged); repeatable",
                                    metavar="FLAG")
     seed: int = option(0, "seeds the split and the helpful prompts' order")
+    preferences: bool = option(False, "the DPO rows (and reward-model rows) from RUN/preferences.jsonl, the "
+                                      "AI-feedback labels `cai label RUN` writes, not the records' revision-vs-initial "
+                                      "pairs")
+    preference_labels: str | None = option(None, "with --preferences: soft (the default: the label is the feedback "
+                                                 "model's probability; train on it with `cai train dpo RUN --config "
+                                                 "soft-labels`) or hard (label 1.0: plain DPO)", metavar="soft|hard")
+    min_confidence: float | None = option(None, "with --preferences: leave out pairs whose label is less sure than "
+                                                "this, in [0.5, 1] (default: 0.5, every labelled pair)", metavar="P")
     device: str | None = option(None, "torch device for answering the helpful prompts (default: cuda if available)")
     base_url: list[str] = option([], "a run made with --backend openai: the endpoints that answer the helpful "
                                      "prompts (default: the run's own, from run.json); repeatable", metavar="URL")
@@ -36,7 +45,8 @@ class DataBuildArgs:
 def add(sub) -> None:
     p = sub.add_parser("data", help=HELP)
     actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    b = actions.add_parser("build", help="records → data/{sft,dpo}_{train,test}.jsonl and a dataset card")
+    b = actions.add_parser("build", help="records (and preferences) → data/{sft,dpo}_{train,test}.jsonl and a "
+                                         "dataset card")
     add_options(b, DataBuildArgs)
     b.set_defaults(func=run_build)
 
@@ -49,7 +59,9 @@ def run_build(ns: argparse.Namespace) -> int:
 
     a = parsed(DataBuildArgs, ns)
     opts = BuildOptions(helpful_mix=a.helpful_mix, test_size=a.test_size, all_rounds=a.all_rounds,
-                        allow_flags=tuple(a.allow_flag), seed=a.seed, helpful_prompts=a.helpful_prompts)
+                        allow_flags=tuple(a.allow_flag), seed=a.seed, helpful_prompts=a.helpful_prompts,
+                        preferences=a.preferences, preference_labels=a.preference_labels,
+                        min_confidence=a.min_confidence)
     opts.check()
     if opts.helpful_mix > 0:
         quiet_libraries()

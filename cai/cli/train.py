@@ -17,7 +17,8 @@ DESCRIPTION = ("Any TRL ModelConfig / SFTConfig / DPOConfig setting can follow a
 class TrainArgs:
     stage: str = option(None, None, positional=True, choices=["sft", "dpo"])
     run: Path | None = option(None, "the run folder (after `cai data build`)", positional=True, nargs="?")
-    config: Path | None = option(None, "a YAML recipe; its values override the shipped one "
+    config: Path | None = option(None, "a YAML recipe, a file or a shipped one by name (soft-labels: DPO on "
+                                       "AI-feedback soft labels); its values override the stage's shipped one "
                                        "(cai/resources/recipes/<stage>.yaml)")
     overwrite: bool = option(False, "move a finished or unfinished adapter folder aside and train again")
     help_config: bool = option(False, "list every training setting and exit")

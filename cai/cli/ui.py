@@ -98,6 +98,11 @@ def print_card(card) -> None:
         h = card.helpful
         t.add_row("helpfulness mix", f"{h['used']} rows, ratio {h['ratio']} (asked {h['requested_ratio']}; "
                                      f"{h['excluded_flagged']} flagged answers left out)")
+    if card.preferences:
+        p = card.preferences
+        cut = f", cut {p['min_confidence']}: {p['below_cut']} below" if p["below_cut"] else ""
+        t.add_row("AI-feedback labels", f"{p['used']} of {p['pairs']} pairs, {p['mode']} ({p['unlabelled']} "
+                                        f"unlabelled{cut}); mean confidence {p['confidence']['kept_mean']}")
     if card.excluded:
         t.add_row("left out", ", ".join(f"{k} {v}" for k, v in sorted(card.excluded.items())))
     dups = sum(card.duplicates.values())

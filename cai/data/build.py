@@ -10,6 +10,11 @@
 - ``card.json`` and ``README.md``: counts, the helpfulness ratio, the constitution(s), every file's sha256 and the
   dataset's (the hash ``cai train`` writes into an adapter's manifest).
 
+**From AI-feedback labels** (``preferences``): the DPO rows come from ``runs/<name>/preferences.jsonl`` instead of the
+records' pairs, each with a ``label`` column (the probability that ``chosen`` is the better answer), and
+``reward_{train,test}.jsonl`` holds the same pairs with a ``margin`` column for TRL's ``RewardTrainer``; see
+:mod:`cai.data.preferences`. SFT rows still come from the records.
+
 These are TRL's conversational column names, so ``trl sft`` / ``trl dpo`` read the files unchanged.
 
 **Helpfulness mixing** (``helpful_mix``): the fraction of the SFT rows that are ordinary prompts answered by the same
@@ -39,10 +44,19 @@ from cai.core.hashing import content_digest, seeded_order, sha256_hex
 from cai.core.record import FLAGS, Record, read_records
 from cai.data.card import Card, constitutions_of, render_card
 from cai.data.helpful import HelpfulSource, helpful_needed
+from cai.data.preferences import (
+    DEFAULT_MIN_CONFIDENCE,
+    LABEL_MODES,
+    PreferenceRows,
+    label_figures,
+    preference_data,
+    reward_row,
+)
 from cai.resources import HELPFUL
 from cai.run import RunFolder
 
 FILES = ("sft_train", "sft_test", "dpo_train", "dpo_test")
+REWARD_FILES = ("reward_train", "reward_test")      # written when the DPO rows come from preferences
 
 
 @dataclass
@@ -53,6 +67,17 @@ class BuildOptions:
     allow_flags: tuple[str, ...] = ()  # flags that do not exclude a record
     seed: int = 0                     # the split and the choice of helpful prompts
     helpful_prompts: str = HELPFUL    # a shipped prompt set by name, or a file
+    preferences: bool = False         # DPO (and reward) rows from RUN/preferences.jsonl, not the records' pairs
+    preference_labels: str | None = None    # soft (the default: keep the probability) | hard (1.0)
+    min_confidence: float | None = None     # leave out labelled pairs less confident than this, in [0.5, 1]
+
+    @property
+    def label_mode(self) -> str:
+        return self.preference_labels or "soft"
+
+    @property
+    def cut(self) -> float:
+        return DEFAULT_MIN_CONFIDENCE if self.min_confidence is None else self.min_confidence
 
     def check(self) -> None:
         if not 0 <= self.helpful_mix < 1:
@@ -64,6 +89,18 @@ class BuildOptions:
         unknown = [f for f in self.allow_flags if f not in FLAGS]
         if unknown:
             raise DataError(f"unknown flag(s) {', '.join(map(repr, unknown))} (flags are {', '.join(FLAGS)})")
+        if not self.preferences and (self.preference_labels is not None or self.min_confidence is not None):
+            raise DataError("--preference-labels and --min-confidence apply only to --preferences",
+                            hint="Add --preferences to build the DPO rows from RUN/preferences.jsonl.")
+        if self.label_mode not in LABEL_MODES:
+            raise DataError(f"--preference-labels must be one of {', '.join(LABEL_MODES)}, got "
+                            f"{self.preference_labels!r}",
+                            hint="soft keeps the feedback model's probability as the label (soft-label DPO); hard "
+                                 "writes 1.0 (plain DPO) after the --min-confidence cut.")
+        if not (isinstance(self.cut, (int, float)) and 0.5 <= self.cut <= 1):
+            raise DataError(f"--min-confidence must be in [0.5, 1], got {self.min_confidence}",
+                            hint="It is the probability that the preferred answer is the better one: 0.5 keeps "
+                                 "every labelled pair, 0.6 leaves out those the feedback model was less sure of.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,11 +215,19 @@ def build_datasets(run: str | Path | RunFolder, options: BuildOptions | None = N
                 constitution=constitutions_of(records), records=len(records))
     sft: list[dict] = []
     dpo: list[dict] = []
+    labels: PreferenceRows | None = None
+    if opts.preferences:        # read (and checked) before anything is generated for the helpfulness mix
+        labels = preference_data(folder, records, mode=opts.label_mode, min_confidence=opts.cut, allow=allow)
+        dpo = labels.dpo
+        for why, n in labels.excluded.items():
+            card.excluded[f"dpo:{why}"] = n
     for rec in records:
         rows, reasons = sft_rows(rec, opts.all_rounds, allow)
         sft += rows
         for r in reasons:
             card.excluded[f"sft:{r}"] = card.excluded.get(f"sft:{r}", 0) + 1
+        if labels is not None:
+            continue
         pair, reason = dpo_row(rec, allow)
         if pair:
             dpo.append(pair)
@@ -199,6 +244,8 @@ def build_datasets(run: str | Path | RunFolder, options: BuildOptions | None = N
                  "larger --max-new-tokens or a stronger model.")
     sft, card.duplicates["sft"] = _dedup(sft)
     dpo, card.duplicates["dpo"] = _dedup(dpo)
+    if labels is not None:
+        card.preferences = label_figures(labels, used=len(dpo))
 
     helpful_rows: list[dict] = []
     if opts.helpful_mix > 0:
@@ -216,10 +263,13 @@ def build_datasets(run: str | Path | RunFolder, options: BuildOptions | None = N
                         "ratio": round(len(helpful_rows) / (len(helpful_rows) + len(sft)), 4) if sft else 0.0,
                         "source": opts.helpful_prompts}
 
-    # one split for every file: a prompt held out of SFT is held out of DPO too
+    # one split for every file: a prompt held out of SFT is held out of DPO (and of the reward rows) too
     test_groups = split_groups([_group(r) for r in sft + dpo + helpful_rows], opts.test_size, opts.seed)
-    out_rows: dict[str, list[dict]] = {name: [] for name in FILES}
-    for kind, rows in (("sft", sft + helpful_rows), ("dpo", dpo)):
+    kinds = [("sft", sft + helpful_rows), ("dpo", dpo)]
+    if labels is not None:
+        kinds.append(("reward", [reward_row(r, opts.label_mode) for r in dpo]))
+    out_rows: dict[str, list[dict]] = {f"{kind}_{split}": [] for kind, _ in kinds for split in ("train", "test")}
+    for kind, rows in kinds:
         for row in rows:
             out_rows[f"{kind}_{'test' if _group(row) in test_groups else 'train'}"].append(row)
     if not out_rows["sft_train"] and not out_rows["dpo_train"]:

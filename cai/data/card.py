@@ -13,6 +13,7 @@ from cai import __version__
 from cai.core.errors import DataError, display_path
 from cai.core.hashing import file_sha256
 from cai.core.record import Record
+from cai.data.preferences import render_labels
 from cai.run import DATA_DIR
 
 
@@ -30,6 +31,9 @@ class Card:
     counts: dict[str, int] = field(default_factory=dict)        # rows per file
     helpful: dict[str, Any] = field(default_factory=dict)       # requested, available, used, ratio
     prompts: dict[str, int] = field(default_factory=dict)       # prompt groups per split
+    # DPO rows from AI-feedback labels (--preferences): counts, label distribution, mode and cut, feedback models,
+    # principles, preferences.jsonl's sha256, the labeller's check (cai.data.preferences.label_figures); else empty
+    preferences: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)         # file name -> sha256
     sha256: str = ""                                            # the dataset's hash (over the files' hashes)
     created_at: str = ""
@@ -87,6 +91,13 @@ def render_card(card: Card) -> str:
                       "answers left out)."]
     if card.excluded:
         lines += ["", "Left out: " + ", ".join(f"{k} {v}" for k, v in sorted(card.excluded.items())) + "."]
+    if card.preferences:
+        lines += ["", *render_labels(card.preferences),
+                  "", "SFT rows: `prompt` (the conversation), `completion` (the revision). DPO rows: `prompt`, "
+                      "`chosen` (the answer the label prefers), `rejected`, `label` (the probability that `chosen` is "
+                      "the better answer, in [0.5, 1]). TRL reads both as they are; `cai train dpo --config "
+                      "soft-labels` trains on the label.", ""]
+        return "\n".join(lines)
     lines += ["", "SFT rows: `prompt` (the conversation), `completion` (the revision). DPO rows: `prompt`, `chosen` "
                   "(final revision), `rejected` (initial answer). TRL reads both as they are.", ""]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cai.core.errors import ConstitutionError
+from cai.core.errors import ConfigError, ConstitutionError
 
 DEFAULT_CONSTITUTION = "default"
 RED_TEAM = "red_team"
@@ -30,6 +30,7 @@ LABELLER_CHECK = "labeller_check.jsonl"
 
 _CONSTITUTION_SUFFIX = ".yaml"
 _PROMPTS_SUFFIX = ".jsonl"
+_RECIPE_SUFFIX = ".yaml"
 
 
 def _shipped(dirs: tuple[Path, ...], suffix: str) -> dict[str, Path]:
@@ -90,6 +91,25 @@ def prompts_path(spec: str | Path) -> str:
     if name in shipped:
         return str(shipped[name])
     return str(spec)
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the shipped training recipes (``dpo``, ``sft``, ``soft-labels``), sorted."""
+    return sorted(_shipped((_RECIPE_DIR,), _RECIPE_SUFFIX))
+
+
+def recipe_file(spec: str | Path) -> Path:
+    """A ``--config``: an existing file as is; else a shipped recipe by name (``soft-labels`` or
+    ``soft-labels.yaml``). Raises ``ConfigError`` naming ``spec`` and the shipped names when it is neither."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = _shipped((_RECIPE_DIR,), _RECIPE_SUFFIX)
+    name = str(spec)[: -len(_RECIPE_SUFFIX)] if str(spec).endswith(_RECIPE_SUFFIX) else str(spec)
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config file {spec} not found (not a file, nor a shipped recipe: "
+                      f"{', '.join(sorted(shipped)) or 'none found'})")
 
 
 def recipe_path(stage: str) -> Path:

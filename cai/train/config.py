@@ -3,8 +3,9 @@
 Configuration is TRL's own: ``ModelConfig`` (model, LoRA, quantization), ``SFTConfig`` / ``DPOConfig`` (everything
 ``transformers.Trainer`` takes) and our few extra fields (:class:`CaiArgs`), parsed by TRL's parser. The values come
 from, in order: the shipped recipe (:func:`cai.resources.recipe_path`: ``cai/resources/recipes/<stage>.yaml``), the
-user's ``--config`` YAML, then ``--flag value`` overrides. An unknown key or an out-of-range value is an error naming
-the file and line (or the flag).
+``--config`` YAML (a file, or a shipped recipe by name: ``soft-labels``), then ``--flag value`` overrides. An unknown
+key or an out-of-range value is an error naming the file and line (or the flag); so is a DPO setting soft labels do
+not support when ``soft_labels`` is on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from cai.core.errors import ConfigError, Issue, display_path
 from cai.core.safe_yaml import yaml_with_lines
-from cai.resources import recipe_path
+from cai.resources import recipe_file, recipe_path
 from cai.run import RunFolder
 from cai.train.manifest import jsonable
 
@@ -42,6 +43,10 @@ class CaiArgs:
     check_eos: bool = field(default=True, metadata={
         "help": "before training, check that the chat template ends an assistant turn with a token the model stops "
                 "on"})
+    soft_labels: bool = field(default=False, metadata={
+        "help": "DPO: train on the label column of data built with `cai data build RUN --preferences` (the "
+                "probability p that chosen is better): soft-label DPO, -p*logsig(beta*D) - (1-p)*logsig(-beta*D) a "
+                "pair; the soft-labels recipe (--config soft-labels) sets it. Sigmoid loss only"})
 
 
 @dataclass
@@ -130,7 +135,7 @@ def parse_config(stage: str, run: str | Path, config: str | Path | None = None,
     words: list[str] = []
     sources: dict[str, str] = {}
     issues: list[Issue] = []
-    for path in [recipe_path(stage)] + ([Path(config)] if config else []):
+    for path in [recipe_path(stage)] + ([recipe_file(config)] if config else []):
         data, lines = _read_yaml(path)
         shown = display_path(path)
         for key, value in data.items():
@@ -204,15 +209,34 @@ def check_ranges(s: TrainSetup) -> None:
         if value is None and ok:        # e.g. max_length None: no truncation
             continue
         if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
-            where = s.sources.get(key)
-            file, _, line = (where or "").rpartition(":")
-            if where and where.startswith("--"):
-                issues.append(Issue(f"{value!r} is out of range: expected {want}", None, None, where))
-            else:
-                issues.append(Issue(f"{value!r} is out of range: expected {want}", file or None,
-                                    int(line) if line.isdigit() else None, key))
+            issues.append(_issue(s, key, f"{value!r} is out of range: expected {want}"))
     if issues:
         raise ConfigError("training settings out of range", issues)
+    if s.cai.soft_labels:
+        check_soft_labels(s)
+
+
+def _issue(s: TrainSetup, key: str, message: str) -> Issue:
+    """An issue with a setting, named where it was set: the file and line, or the flag."""
+    where = s.sources.get(key)
+    if where and where.startswith("--"):
+        return Issue(message, None, None, where)
+    file, _, line = (where or "").rpartition(":")
+    return Issue(message, file or None, int(line) if line.isdigit() else None, key)
+
+
+def check_soft_labels(s: TrainSetup) -> None:
+    """``soft_labels`` is for DPO, with the settings soft-label DPO supports (:mod:`cai.train.soft_dpo`)."""
+    if s.stage != "dpo":
+        raise ConfigError("soft_labels applies to DPO only", [_issue(s, "soft_labels", "set for sft")],
+                          hint="Soft labels are preference probabilities: `cai train dpo RUN --config soft-labels`.")
+    from cai.train.soft_dpo import unsupported_options
+
+    refused = unsupported_options(s.args)
+    if refused:
+        raise ConfigError("settings soft-label DPO does not support (soft_labels is on)",
+                          [_issue(s, key, why) for key, why in refused],
+                          hint=f"`cai train {s.stage} --help-config` lists every setting.")
 
 
 def config_help(stage: str) -> str:

@@ -3,8 +3,9 @@
 - ``train_config.json`` (:func:`identity`): the resolved config (less the settings that do not change what is
   learned), the dataset hash, the base model and the SFT adapter's manifest hash. Written when training starts; a
   resume whose identity differs is refused, listing the differences (:func:`diff`).
-- ``manifest.json`` (:func:`manifest`): lineage (base model, constitution, dataset, config, metrics, library
-  versions, git commit). Written last, atomically: an adapter folder with a manifest is finished.
+- ``manifest.json`` (:func:`manifest`): lineage (base model, constitution, dataset, the AI-feedback labels a DPO
+  adapter trained on, config, metrics, library versions, git commit). Written last, atomically: an adapter folder
+  with a manifest is finished.
 
 Paths in both that point into the run folder are stored relative to it (``data/card.json``,
 ``adapters/sft``), so a moved or archived run folder still reads; manifests of older versions hold absolute paths,
@@ -70,6 +71,7 @@ def manifest(setup: TrainSetup, *, card: dict, base: Any, dtype: str, device: st
         "constitution": card["constitution"],
         "dataset": {"sha256": card["sha256"], "counts": card["counts"], "files": card["files"],
                     "card": folder.rel(folder.data_dir / "card.json")},
+        "labels": labels(setup, card),
         "config": setup.config_dict(),
         "metrics": jsonable(metrics),
         "steps": steps,
@@ -81,6 +83,21 @@ def manifest(setup: TrainSetup, *, card: dict, base: Any, dtype: str, device: st
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cai_version": __version__,
     }
+
+
+def labels(setup: TrainSetup, card: dict) -> dict | None:
+    """Which AI-feedback labels trained a DPO adapter (None for SFT, and for DPO on the records' own pairs): the
+    preferences file and its sha256, the feedback model(s), soft or hard, the cut, how many pairs, the loss, and the
+    labeller's check card it came with."""
+    p = card.get("preferences")
+    if setup.stage != "dpo" or not p:
+        return None
+    check = p.get("check") or {}
+    return {"preferences": p["file"], "preferences_sha256": p["sha256"],
+            "feedback_models": [m["model"] for m in p["feedback_models"]], "mode": p["mode"],
+            "min_confidence": p["min_confidence"], "pairs_used": p["used"],
+            "loss": "soft-label sigmoid DPO" if setup.cai.soft_labels else "sigmoid DPO",
+            "check": {"file": check["file"], "sha256": check["sha256"]} if check else None}
 
 
 def stored_path(folder: RunFolder, manifest: dict, key: str) -> Path | None:

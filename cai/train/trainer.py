@@ -20,6 +20,11 @@ what is safe); running the same command again once there is space resumes from t
 **DPO after SFT.** DPO starts from the SFT adapter (on the same 4-bit base) and trains it further; the reference
 model is a frozen copy of the SFT adapter (TRL's ``ref`` adapter), i.e. base + SFT, which is what the DPO objective
 assumes. Nothing is merged, so the DPO adapter alone, on the original base, is the final model.
+
+**AI-feedback labels.** DPO rows built with ``cai data build --preferences`` carry a ``label`` column. Soft labels
+train with ``soft_labels: true`` (the ``soft-labels`` recipe): :class:`cai.train.soft_dpo.SoftDPOTrainer`; hard ones
+(label 1.0) with plain DPO. Soft labels given to plain DPO, or ``soft_labels`` on data without labels, are refused
+before any model is loaded; the manifest's ``labels`` names the preferences (sha256, feedback model, mode, cut).
 """
 
 from __future__ import annotations
@@ -80,9 +85,12 @@ def train(setup: TrainSetup, *, overwrite: bool = False, progress: TrainProgress
     check_files(folder.root, card)
     rows = folder.data_dir / f"{stage}_train.jsonl"
     if not card["counts"].get(f"{stage}_train"):
+        why = ("every labelled pair may have been left out (unlabelled, below the cut) or held out for test"
+               if card.get("preferences") else "every pair needs a revision that differs from the initial answer")
         raise TrainingError(f"{display_path(rows)} has no rows",
-                            hint="For DPO: every pair needs a revision that differs from the initial answer. Look at "
-                                 f"{display_path(folder.data_dir / 'README.md')} for what was left out.")
+                            hint=f"For DPO: {why}. Look at {display_path(folder.data_dir / 'README.md')} for what "
+                                 "was left out.")
+    _check_labels(setup, card)
     done = folder.read_manifest(stage)
     if done is not None and not overwrite:
         done["already_done"] = True
@@ -119,6 +127,28 @@ def train(setup: TrainSetup, *, overwrite: bool = False, progress: TrainProgress
                                   resumed_from=_step(ckpt) if ckpt else None, seconds=seconds)
         folder.write_manifest(stage, result)
     return result
+
+
+def _check_labels(setup: TrainSetup, card: dict) -> None:
+    """DPO: soft labels train with ``soft_labels`` on, and ``soft_labels`` needs labels (both checked before any
+    model is loaded: plain DPO would silently drop the label column and take every pair as certain)."""
+    if setup.stage != "dpo":
+        return
+    labels = card.get("preferences") or {}
+    rows = display_path(setup.folder.data_dir / "dpo_train.jsonl")
+    run = display_path(setup.run)
+    if setup.cai.soft_labels and not labels:
+        where = setup.sources.get("soft_labels", "the config")
+        raise TrainingError(f"soft_labels is on ({where}), but {rows} has no labels: its pairs are the records' "
+                            "revisions against their initial answers",
+                            hint=f"Label pairs with `cai label {run}` and build with `cai data build {run} "
+                                 "--preferences`, or train plain DPO (without --config soft-labels).")
+    if labels.get("mode") == "soft" and not setup.cai.soft_labels:
+        raise TrainingError(f"{rows} holds soft labels (built with --preferences), but this config trains plain DPO, "
+                            "which would drop them and take every pair as certain",
+                            hint=f"Train on them with `cai train dpo {run} --config soft-labels` (or --soft_labels "
+                                 f"true), or build hard labels: `cai data build {run} --preferences "
+                                 "--preference-labels hard --min-confidence 0.6`.")
 
 
 def _fit(setup: TrainSetup, base: ResolvedModel, sft_dir: Path | None, card: dict, ckpt: Path | None,
@@ -158,7 +188,14 @@ def _fit(setup: TrainSetup, base: ResolvedModel, sft_dir: Path | None, card: dic
 
         model = PeftModel.from_pretrained(model, str(sft_dir), is_trainable=True)
         peft_config = None       # TRL copies the loaded adapter to a frozen "ref" adapter: the reference model
-    trainer_cls = guarded(SFTTrainer if stage == "sft" else DPOTrainer)
+    if stage == "sft":
+        trainer_cls = guarded(SFTTrainer)
+    elif setup.cai.soft_labels:
+        from cai.train.soft_dpo import SoftDPOTrainer
+
+        trainer_cls = guarded(SoftDPOTrainer)
+    else:
+        trainer_cls = guarded(DPOTrainer)
     trainer = trainer_cls(model=model, args=args, train_dataset=ds["train"],
                           eval_dataset=ds["test"] if evaluate else None, processing_class=tok,
                           peft_config=peft_config, callbacks=[_callback(progress)])

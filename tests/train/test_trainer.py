@@ -37,12 +37,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_shipped_recipe_parses_and_names_its_command(recipe, tmp_path):
+    """A stage's recipe (sft.yaml, dpo.yaml) is the base of `cai train <stage>`; any other (soft-labels.yaml) is a
+    --config by name on top of it. Each names its command on its first line, and every value comes from its line."""
     import yaml
 
-    assert {p.stem for p in RECIPES} == {"sft", "dpo"}
-    stage = recipe.stem
-    assert recipe == recipe_path(stage)
-    setup = parse_config(stage, tmp_path)
+    assert {p.stem for p in RECIPES} == {"sft", "dpo", "soft-labels"}
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# cai train "), first
+    args, extra = build_parser().parse_known_args(shlex.split(first[2:])[1:])
+    assert (args.command, extra) == ("train", [])
+    assert args.run is not None
+    stage = args.stage
+    if recipe.stem in ("sft", "dpo"):
+        assert stage == recipe.stem and args.config is None and recipe == recipe_path(stage)
+    else:
+        assert str(args.config) == recipe.stem and recipe == recipe_path(recipe.stem)
+    setup = parse_config(stage, tmp_path, args.config)
     values = yaml.safe_load(recipe.read_text())
     for key, value in values.items():
         if isinstance(value, (bool, int, float)) and not isinstance(value, str):
@@ -53,11 +63,6 @@ def test_shipped_recipe_parses_and_names_its_command(recipe, tmp_path):
         file, _, line = where.rpartition(":")
         assert file == display_path(recipe)
         assert recipe.read_text().splitlines()[int(line) - 1].startswith(f"{key}:")
-    first = recipe.read_text().splitlines()[0]
-    assert first.startswith(f"# cai train {stage} "), first
-    args, extra = build_parser().parse_known_args(shlex.split(first[2:])[1:])
-    assert (args.command, args.stage, extra) == ("train", stage, [])
-    assert args.run is not None
 
 
 def _write(path: Path, text: str) -> Path:
