@@ -144,7 +144,9 @@ class LocalJudge:
     def logits(self, rows: list[list[int]]):
         """Next-token logits (batch, vocab) after each row, from one left-padded forward pass. Position ids count
         real tokens only, so a padded row is scored exactly as it would be alone. The rows' common beginning, when
-        long enough, is computed once and attended by every row (``cai.inference.prefix_attention``)."""
+        long enough, is computed once and attended by every row (``cai.inference.prefix_attention``); it is kept in
+        the backend's prefix cache, so the next batch that starts the same way (the labeller's worked examples,
+        the judge's introduction) does not compute it again."""
         import torch
 
         from cai.inference.batching import common_prefix, left_pad, prefix_cache
@@ -156,9 +158,13 @@ class LocalJudge:
         if b.shared_prefix and len(rows) > 1 and common >= b.MIN_PREFIX:
             from cai.inference.prefix_attention import SuffixCache
 
-            p = common
+            if b.prefix_cache:
+                key, prefix = b._cached_prefix(rows)
+                p = len(key)
+            else:
+                p = common
+                prefix = prefix_cache(b.lm, rows[0][:p], config=b.lm.config, device=b.device)
             self.shared_rows += len(rows)
-            prefix = prefix_cache(b.lm, rows[0][:p], config=b.lm.config, device=b.device)
             extra["past_key_values"] = SuffixCache(b.lm.config, prefix)
         padded = left_pad([r[p:] for r in rows], b.tokenizer.pad_token_id, offset=p, device=b.device)
         with torch.inference_mode():

@@ -133,7 +133,7 @@ def build_data(run: Path, opts, ui: Ui | None = None, *, device: str | None = No
 # train
 
 
-def train_stage(stage: str, run: Path, ui: Ui | None = None, *, config: Path | None = None,
+def train_stage(stage: str, run: Path, ui: Ui | None = None, *, config: str | Path | None = None,
                 flags: list[str] | tuple[str, ...] = (), overwrite: bool = False) -> dict:
     """QLoRA-train ``stage`` (sft, dpo) on ``run/data`` into ``run/adapters/<stage>``; ``flags`` are TRL settings
     as ``--name value``. Checkpoints are saved as it goes, and the next run resumes from the newest."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cai.core.constitution import Constitution, parse_constitution
 from cai.core.errors import ConstitutionError, Issue
+from cai.core.safe_yaml import MAX_YAML_BYTES
 
 SUFFIXES = (".yaml", ".yml")
 RACY_NS = 2_000_000_000   # a read less than this long after the file's mtime may miss a same-tick, same-size write
@@ -145,7 +146,7 @@ class WatchedFiles:
         try:
             with open(key, "rb") as fh:
                 st = os.fstat(fh.fileno())   # the stat of what is read (a rename-replace cannot slip in between)
-                data = fh.read()
+                data = fh.read(MAX_YAML_BYTES + 1)   # never more than a constitution may be: bounded memory
         except (FileNotFoundError, NotADirectoryError):
             return None
         except IsADirectoryError:
@@ -159,6 +160,11 @@ class WatchedFiles:
         if prev is not None and prev.digest == digest:
             return replace(prev, signature=_signature(st), racy=racy)
         name_line = None
+        if len(data) > MAX_YAML_BYTES:
+            error = ConstitutionError(f"invalid constitution {shown}", [Issue(
+                f"the file is {st.st_size:,} bytes; a constitution may be at most 1 MiB ({MAX_YAML_BYTES:,} bytes)",
+                shown)])
+            return self._failed(base, error, _signature(st), digest, racy, name_line)
         try:
             text = data.decode("utf-8")
             match = _NAME_LINE.search(text)

@@ -66,10 +66,14 @@ class Pipeline:
             else:
                 raise InvalidRequest(f"name a constitution: this server has {', '.join(names)}", "constitution")
         try:
-            return self.registry.get(name)
+            c = self.registry.get(name)
         except KeyError:
             raise NotFound(f"unknown constitution {name!r}; this server has: {', '.join(self.registry.names())}",
                            "constitution", "constitution_not_found") from None
+        if not c.principles:
+            raise InvalidRequest(f"constitution {name!r} has only preference principles (for labelling): it cannot "
+                                 "critique or revise", "constitution", "no_principles")
+        return c
 
     def principles(self, c: Constitution, ids: list[str]) -> tuple[str, ...]:
         unknown = [i for i in dict.fromkeys(ids) if i not in c.ids]

@@ -465,3 +465,33 @@ def test_watch_picks_up_an_edit(folder):
 
     asyncio.run(main())
     assert reg.get("small").principle("p1").critique == "Seen by the watch."
+
+
+def test_a_hostile_edit_is_listed_as_failed_and_the_last_good_version_serves(folder):
+    """An alias bomb or a huge file saved over a served constitution: refused with its line (or size) in bounded
+    memory, listed among the failures, and the last good version keeps serving."""
+    import tracemalloc
+
+    from cai.core.safe_yaml import MAX_YAML_BYTES
+
+    reg = ConstitutionRegistry([folder])
+    good = reg.get("small")
+    path = folder / "small.yaml"
+    bomb = ["name: small", "version: '1'", "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    bomb += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)] + ["principles: *a8"]
+    write(path, "\n".join(bomb) + "\n")
+    tracemalloc.start()
+    try:
+        reg.refresh(force=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20
+    assert reg.get("small") is good
+    (error,) = reg.errors().values()
+    assert "aliases are not allowed" in error.issues[0] and f"{path}:4:" in error.issues[0]
+    write(path, constitution_yaml(3) + "# " + "x" * (4 * MAX_YAML_BYTES) + "\n")
+    reg.refresh(force=True)
+    assert reg.get("small") is good
+    (error,) = reg.errors().values()
+    assert "at most 1 MiB" in error.issues[0]

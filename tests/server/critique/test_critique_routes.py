@@ -115,3 +115,18 @@ def test_the_chat_extension_revises_the_answer_it_would_have_given(client):
     assert data[-1] == "[DONE]"
     content = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-1])
     assert content == choice["message"]["content"]
+
+
+def test_a_constitution_for_labelling_only_cannot_critique(tmp_path):
+    """One with preference principles alone is served (listed, read), but critique and revise refuse it clearly."""
+    from server.constitutions import ConstitutionRegistry
+    from server.critique.pipeline import Pipeline
+    from server.errors import InvalidRequest
+
+    (tmp_path / "rl.yaml").write_text('name: rl\nversion: "1"\npreference_principles:\n'
+                                      '  - id: kinder\n    text: Which response is kinder?\n')
+    registry = ConstitutionRegistry([tmp_path])
+    assert registry.names() == ["rl"]
+    with pytest.raises(InvalidRequest) as info:
+        Pipeline(engine=None, registry=registry).constitution("rl")     # type: ignore[arg-type]
+    assert info.value.param == "constitution" and "only preference principles" in str(info.value)
