@@ -8,10 +8,21 @@ in a row. The CLI calls one function here per command; no step calls a command. 
 - :mod:`cai.workflow.demo`: the demo.
 """
 
-from cai.workflow.base import RESUME, DiskFull, Endpoints, Interrupted, Ui, resumable
+from cai.workflow.base import (
+           RESUME,
+           DiskFull,
+           Endpoints,
+           Interrupted,
+           ModelSpec,
+           RunModels,
+           Ui,
+           check_reachable,
+           resumable,
+)
 from cai.workflow.demo import DemoJob, demo, demo_train_flags
-from cai.workflow.steps import GenerateJob, JudgeSpec, build_data, check_reachable, evaluate, generate, train_stage
+from cai.workflow.steps import GenerateJob, JudgeSpec, build_data, evaluate, generate, train_stage
 
-__all__ = ["RESUME", "DemoJob", "DiskFull", "Endpoints", "GenerateJob", "Interrupted", "JudgeSpec", "Ui",
+__all__ = ["RESUME", "DemoJob", "DiskFull", "Endpoints", "GenerateJob", "Interrupted", "JudgeSpec", "ModelSpec",
+           "RunModels", "Ui",
            "build_data", "check_reachable", "demo", "demo_train_flags", "evaluate", "generate", "resumable",
            "train_stage"]

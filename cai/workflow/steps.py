@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError, display_path
-from cai.workflow.base import Endpoints, Ui, resumable
+from cai.workflow.base import Endpoints, ModelSpec, RunModels, Ui, resumable
 
 # ---------------------------------------------------------------------------------------------------------------
 # generate
@@ -152,21 +152,14 @@ def train_stage(stage: str, run: Path, ui: Ui | None = None, *, config: str | Pa
 # eval
 
 
-@dataclass
-class JudgeSpec:
-    """Who judges: ``local`` (a transformers model: the run's base unless ``model`` names another) or ``openai``."""
-
-    backend: str = "local"
-    model: str | None = None
-    base_urls: list[str] = field(default_factory=list)
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 32
+JudgeSpec = ModelSpec       # who judges (the name the CLI and tests know)
 
 
 def evaluate(run: Path, opts, ui: Ui | None = None, *, device: str | None = None,
              judge: JudgeSpec | None = None) -> dict:
     """Base vs each adapter on held-out prompts (``opts``: cai.evaluation.runner.EvalOptions) → ``run/eval/``.
     Answers and judgements are saved as they finish and reused by the next run."""
+    from cai.evaluation.judge import EndpointJudge, LocalJudge
     from cai.evaluation.runner import plan_eval, run_eval
     from cai.run import RunFolder
 
@@ -178,78 +171,16 @@ def evaluate(run: Path, opts, ui: Ui | None = None, *, device: str | None = None
     plan = plan_eval(folder, opts)
     for note in plan.notes:
         ui.note(note, label="note")
-    models = _EvalModels(folder, ui, device)
-    judge_model = _make_judge(judge, folder, models, opts.batch_size, device, ui)
+    models = RunModels(folder, ui, device)
+    kind, reader = models.reader(judge, "judge")
+    judge_model: Any = (EndpointJudge(reader) if kind == "openai"
+                        else LocalJudge(reader, batch_size=opts.batch_size))
     t0 = time.perf_counter()
+
+    def answerer(m):
+        return models.base() if m.adapter is None else models.adapter(m.adapter, m.name)
+
     with resumable(f"answers and judgements so far are saved in {display_path(run / 'eval')}"), ui.bar() as bar:
-        report = run_eval(plan, opts, models.answerer, judge_model, bar.eval())
+        report = run_eval(plan, opts, answerer, judge_model, bar.eval())
     ui.evaluated(run, report, time.perf_counter() - t0)
     return report
-
-
-class _EvalModels:
-    """The models under test, loaded when first needed: the run's base (kept), one adapter at a time."""
-
-    def __init__(self, folder, ui: Ui, device: str | None):
-        self.folder, self.ui, self.device = folder, ui, device
-        self.loaded: dict[str, Any] = {}
-
-    def base(self):
-        if "base" not in self.loaded:
-            from cai.backends import make_backend
-
-            info = self.folder.info
-            options: dict[str, Any] = ({"base_urls": info.base_urls or [], "api_key_env": "OPENAI_API_KEY"}
-                                       if info.backend == "openai" else {})
-            with self.ui.status(f"loading model {self.folder.model_source} ..."):
-                self.loaded["base"] = make_backend(info.backend, self.folder.model_source, device=self.device,
-                                                   **options)
-        return self.loaded["base"]
-
-    def answerer(self, m):
-        if m.adapter is None:
-            return self.base()
-        from cai.backends.local import LocalBackend
-
-        self.loaded.pop("adapter", None)      # one adapter model in memory at a time
-        with self.ui.status(f"loading adapter {m.name} (merged into its base) ..."):
-            self.loaded["adapter"] = LocalBackend(self.folder.model_source, device=self.device,
-                                                  adapter=str(m.adapter))
-        return self.loaded["adapter"]
-
-
-def _make_judge(spec: JudgeSpec, folder, models: _EvalModels, batch_size: int, device: str | None, ui: Ui):
-    from cai.evaluation.judge import EndpointJudge, LocalJudge
-
-    if spec.backend == "openai":
-        from cai.backends.openai import OpenAIBackend
-
-        if not spec.base_urls or not spec.model:
-            raise CaiError("--judge-backend openai needs --judge-base-url URL and --judge-model NAME")
-        check_reachable(spec.base_urls)
-        return EndpointJudge(OpenAIBackend(spec.model, base_urls=spec.base_urls, api_key_env=spec.api_key_env,
-                                           concurrency=spec.concurrency, max_retries=2))
-    if spec.model in (None, folder.model_source) and folder.info.backend == "local":
-        return LocalJudge(models.base(), batch_size=batch_size)
-    if spec.model is None:
-        raise CaiError(f"the run was generated with the {folder.info.backend} backend: name a local judge model "
-                       "with --judge-model, or use --judge-backend openai")
-    from cai.backends.local import LocalBackend
-
-    with ui.status(f"loading judge model {spec.model} ..."):
-        return LocalJudge(LocalBackend(spec.model, device=device), batch_size=batch_size)
-
-
-def check_reachable(urls: list[str], what: str = "judge", flag: str = "--judge-base-url") -> None:
-    """Fail at once, with the address, when no endpoint answers at all (instead of after every retry)."""
-    import httpx
-
-    reasons = []
-    for url in urls:
-        try:
-            httpx.get(url.rstrip("/") + "/models", timeout=5.0)
-            return
-        except httpx.HTTPError as e:
-            reasons.append(f"{url}: {type(e).__name__}")
-    raise CaiError(f"the {what} endpoint is unreachable ({'; '.join(reasons)})",
-                   hint=f"Check {flag} (it usually ends in /v1) and that the server is up.")

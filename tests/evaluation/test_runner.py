@@ -378,8 +378,16 @@ def test_main_job_runs_end_to_end_and_its_report_has_every_figure(tiny_model_dir
                             "4", "--eval-max-new-tokens", "6"], capsys)
     assert rc == 0, err
     assert (out / "adapters" / "sft" / "manifest.json").exists()
+    # the RL phase: pairs of the SFT adapter's answers labelled by AI feedback, then soft-label DPO on them
+    from cai.core.preference import read_preferences
+
+    prefs = read_preferences(out)
+    assert prefs and all(p.responses[0].source == "policy:sft" for p in prefs)
+    dpo = json.loads((out / "adapters" / "dpo" / "manifest.json").read_text())
+    assert dpo["sft_adapter"] is not None and json.dumps(dpo).count("preferences.jsonl") >= 1
     report = json.loads((out / "eval" / "report.json").read_text())
-    assert report["models"] == ["base", "sft"]
+    assert report["models"] == ["base", "dpo", "sft"]
+    assert set(report["comparisons"]) == {"dpo", "sft"}
     for m in report["models"]:
         assert report["harmlessness"][m]["overall"]["rate"] is not None
         assert all(r["rate"] is not None for r in report["harmlessness"][m]["per_principle"].values())
