@@ -73,6 +73,7 @@ class RunInfo(BaseModel):
     prompts: str | None = None               # the prompt file (absolute) or a hub dataset name
     backend: str = "local"
     base_urls: list[str] | None = None       # the endpoints of an openai-backend run
+    dtype: str | None = None                 # what the local model computed in (None: fp32, or not local)
     rounds: int = 1
     sampling: dict[str, Any] = {}
     created_at: str | None = None

@@ -10,13 +10,14 @@ BACKENDS = ("local", "fake", "openai")
 
 
 def make_backend(kind: str, model: str | None = None, device: str | None = None, weights: bool = True,
-                 **options) -> Backend:
+                 dtype: str | None = None, **options) -> Backend:
     """``options`` go to the openai backend (base_urls, api_key_env, concurrency, timeout, max_retries).
-    ``weights=False``: the local backend loads its tokenizer only (counting tokens for a dry run)."""
+    ``weights=False``: the local backend loads its tokenizer only (counting tokens for a dry run). ``dtype``: the local
+    backend's weights (None: fp32 on CPU, bf16 on a GPU that has it; ``auto``: bf16 wherever the hardware has it)."""
     if kind == "local":
         from cai.backends.local import LocalBackend
 
-        return LocalBackend(model, device=device, weights=weights)
+        return LocalBackend(model, device=device, weights=weights, dtype=dtype)
     if kind == "openai":
         from cai.backends.openai import OpenAIBackend
 

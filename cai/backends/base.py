@@ -43,6 +43,7 @@ class Backend(Protocol):
     model: str                     # model id or path, as recorded in provenance
     model_revision: str | None
     context_length: int | None     # tokens the model can attend to (prompt + generation); None if unknown
+    # the local backend also has ``dtype`` ("float32", "bfloat16", ...): read with getattr, see dtype_of()
 
     def count_tokens(self, messages: list[Message]) -> int:
         """Tokens of the prompt that :meth:`generate` would send for these messages."""
@@ -52,3 +53,11 @@ class Backend(Protocol):
         """Complete every conversation of the batch (all at once where the backend can). ``seed`` seeds this call's
         sampling; the same batch, settings and seed give the same completions on the same machine."""
         ...
+
+
+def dtype_of(backend: object) -> str | None:
+    """The dtype a backend computes in, when it is not fp32 (a local backend in bf16, say); None for fp32 and for
+    backends that do not say (an endpoint). It goes into record, stage and eval keys only when set, so fp32 keys are
+    the ones every earlier version wrote and a bf16 record is never taken for an fp32 one."""
+    dtype = getattr(backend, "dtype", None)
+    return None if dtype in (None, "float32") else str(dtype)

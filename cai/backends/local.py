@@ -62,6 +62,7 @@ class LocalBackend:
         self.adapter = adapter
         self.tokenizer, self.lm, self.device = loaded.tokenizer, loaded.lm, loaded.device
         self.model, self.model_revision = loaded.model_id, loaded.revision
+        self.dtype = loaded.dtype
         self.context_length, self.eos_ids = loaded.context_length, loaded.eos_ids
         self.tokenizer.padding_side = "left"
         self.prefix_cache = prefix_cache

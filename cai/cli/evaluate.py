@@ -35,6 +35,9 @@ class EvalArgs:
     seed: int = option(0, "default: %(default)s")
     batch_size: int = option(16, "answers and judgements per forward pass (default: %(default)s)")
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
+    dtype: str | None = option(None, "the models' weights: float32, bfloat16, float16 or auto (default: what the run "
+                                     "was generated in); part of every answer's key", choices=["auto", "float32",
+                                                                                              "bfloat16", "float16"])
     judge_backend: str = option("local", "local: a transformers model's next-token logits; openai: an "
                                          "OpenAI-compatible endpoint that returns top_logprobs (default: %(default)s)",
                                 choices=["local", "openai"])
@@ -56,7 +59,7 @@ class EvalArgs:
                            helpful_prompts=self.helpful_prompts, principles=tuple(self.principles),
                            adapters=tuple(self.adapters) if self.adapters else None,
                            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                           seed=self.seed, batch_size=self.batch_size)
+                           seed=self.seed, batch_size=self.batch_size, dtype=self.dtype)
 
 
 def add(sub) -> None:

@@ -49,6 +49,7 @@ class Provenance(BaseModel):
     model: str
     model_revision: str | None = None
     backend: str
+    dtype: str | None = None                 # what a local model computed in ("float32", "bfloat16")
     sampling: dict[str, Any] = {}
     seed: int | None = None
     rounds: int | None = None

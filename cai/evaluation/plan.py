@@ -42,6 +42,7 @@ class EvalOptions:
     top_p: float = 0.95
     seed: int = 0
     batch_size: int = 16
+    dtype: str | None = None                # the models' weights, resolved ("float32", "bfloat16"); None: fp32
 
 
 @dataclass
@@ -97,8 +98,10 @@ def plan_eval(run: str | Path | RunFolder, opts: EvalOptions) -> EvalPlan:
     principles = [known[p] for p in opts.principles] if opts.principles else list(constitution.principles)
 
     notes: list[str] = []
-    models = [ModelUnderTest(BASE, None, {"model": info.model, "revision": info.model_revision})]
-    models += _adapters(run, opts.adapters, notes)
+    # answers are keyed by what made them: a bf16 answer is another answer than an fp32 one (fp32 keys as before)
+    dtype = {"dtype": opts.dtype} if opts.dtype not in (None, "float32") else {}
+    models = [ModelUnderTest(BASE, None, {"model": info.model, "revision": info.model_revision, **dtype})]
+    models += [ModelUnderTest(m.name, m.adapter, {**m.identity, **dtype}) for m in _adapters(run, opts.adapters, notes)]
     if len(models) == 1:
         notes.append(f"{display_path(run)} has no trained adapter: the base model is evaluated alone "
                      f"(train one with `cai train sft {display_path(run)}`)")

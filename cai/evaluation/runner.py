@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cai.backends.base import Sampling
+from cai.backends.base import Sampling, dtype_of
 from cai.core.files import KeyedLog, folder_lock, write_bytes_atomic, write_json_atomic
 from cai.core.hashing import ascii_digest
 from cai.core.prompt_files import PromptItem
@@ -126,7 +126,11 @@ def _judge_jobs(plan: EvalPlan, answers: dict[str, dict[str, str]]) -> dict[tupl
 
 
 def _judge_key(judge: Judge, prompt: list[Message]) -> str:
-    return ascii_digest({"judge": judge.name, "model": judge.model, "prompt": prompt})
+    material: dict = {"judge": judge.name, "model": judge.model, "prompt": prompt}
+    dtype = dtype_of(getattr(judge, "backend", None))
+    if dtype:                                   # a bf16 judge's readings are not an fp32 judge's (fp32 keys as before)
+        material["dtype"] = dtype
+    return ascii_digest(material)
 
 
 def _judge_all(jobs: dict[tuple, list[Message]], judge: Judge, log: KeyedLog, batch_size: int,

@@ -344,6 +344,7 @@ class Generator:
                 "model": self.backend.model,
                 "model_revision": self.backend.model_revision,
                 "backend": self.backend.name,
+                **_dtype_field(self.backend),
                 "sampling": self.sampling.to_dict(),
                 "seed": self.sampling.seed,
                 "rounds": self.rounds,
@@ -351,3 +352,9 @@ class Generator:
                 "cai_version": __version__,
             },
         })
+
+
+def _dtype_field(backend: Backend) -> dict[str, str]:
+    """``{"dtype": ...}`` for a backend that computes in a known dtype (a local model), else nothing."""
+    dtype = getattr(backend, "dtype", None)
+    return {"dtype": str(dtype)} if dtype else {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from cai.backends.base import Backend, Sampling
+from cai.backends.base import Backend, Sampling, dtype_of
 from cai.core.constitution import Constitution
 from cai.core.hashing import content_digest, seed_from, sha256_hex
 from cai.core.prompt_files import PromptItem
@@ -58,13 +58,18 @@ def record_key(item: PromptItem, constitution: Constitution, principles: tuple[s
         "model_revision": backend.model_revision,
         "sampling": sampling.to_dict(),
     }
+    if dtype_of(backend):                      # bf16 records are other records (fp32 keys stay as they were)
+        material["dtype"] = dtype_of(backend)
     return content_digest(material)
 
 
 def stage_key(backend: Backend, sampling: Sampling, messages: list[Message]) -> str:
-    """What produced a stage's output: the model, the sampling settings (seed included) and the exact messages."""
+    """What produced a stage's output: the model, the sampling settings (seed included), the dtype when not fp32,
+    and the exact messages."""
     material = {"model": backend.model, "model_revision": backend.model_revision, "sampling": sampling.to_dict(),
                 "messages": messages}
+    if dtype_of(backend):
+        material["dtype"] = dtype_of(backend)
     return content_digest(material)
 
 

@@ -270,6 +270,7 @@ def _write_run_file(out: Path, info: RunInfo | None, c: Constitution, backend: B
         backend=backend.name,
         # the endpoints of an openai-backend run, so `cai data build --helpful-mix` can answer with the same ones
         base_urls=list(getattr(backend, "base_urls", None) or []) or None,
+        dtype=getattr(backend, "dtype", None),
         rounds=gen.rounds,
         sampling=gen.sampling.to_dict(),
         created_at=(info.created_at if info else None) or _now(),

@@ -149,6 +149,7 @@ class ChatModel:
     device: str
     context_length: int | None   # tokens the model attends to (prompt + generation), from its config
     eos_ids: list[int]           # every end-of-turn id of the tokenizer and the generation config ([] without weights)
+    dtype: str = "float32"       # what the weights compute in ("float32", "bfloat16", "float16")
 
 
 def load_chat_model(model: str | None, device: str | None = None, dtype: str | None = None,
@@ -187,7 +188,8 @@ def load_chat_model(model: str | None, device: str | None = None, dtype: str | N
     if lm is not None:
         lm.to(device).eval()
         eos_ids = _eos_ids(tokenizer, lm, resolved.model_id)
-    return ChatModel(tokenizer, lm, resolved.model_id, resolved.revision, device, context, eos_ids)
+    return ChatModel(tokenizer, lm, resolved.model_id, resolved.revision, device, context, eos_ids,
+                     dtype_name(lm.dtype) if lm is not None else dtype_name(torch_dtype))
 
 
 def _eos_ids(tokenizer: Any, lm: Any, model_id: str) -> list[int]:

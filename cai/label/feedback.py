@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cai.backends.base import Sampling
+from cai.backends.base import Sampling, dtype_of
 from cai.core.errors import CaiError
 from cai.core.prompts import Message
 from cai.label.prompts import ANSWER, COT_ANSWER
@@ -86,8 +86,11 @@ class LocalFeedback:
         self.rows_scored = 0
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.model, "revision": self.model_revision,
-                "adapter": getattr(self.backend, "adapter", None)}
+        out = {"backend": self.name, "model": self.model, "revision": self.model_revision,
+               "adapter": getattr(self.backend, "adapter", None)}
+        if dtype_of(self.backend):                      # bf16 readings are other readings
+            out["dtype"] = dtype_of(self.backend)
+        return out
 
     @property
     def shared_rows(self) -> int:

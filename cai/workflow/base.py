@@ -135,8 +135,9 @@ class RunModels:
     """A run's models, loaded when first needed: its base (kept: the answerer, and the default reader) and one
     adapter at a time (merged into its base)."""
 
-    def __init__(self, folder, ui: Ui, device: str | None):
+    def __init__(self, folder, ui: Ui, device: str | None, dtype: str | None = None):
         self.folder, self.ui, self.device = folder, ui, device
+        self.dtype = dtype or folder.info.dtype          # the run's own, unless asked otherwise
         self._base: Any = None
         self._adapter: Any = None
 
@@ -148,7 +149,8 @@ class RunModels:
             options: dict[str, Any] = ({"base_urls": info.base_urls or [], "api_key_env": "OPENAI_API_KEY"}
                                        if info.backend == "openai" else {})
             with self.ui.status(f"loading model {self.folder.model_source} ..."):
-                self._base = make_backend(info.backend, self.folder.model_source, device=self.device, **options)
+                self._base = make_backend(info.backend, self.folder.model_source, device=self.device,
+                                          dtype=self.dtype, **options)
         return self._base
 
     def adapter(self, path: Path, name: str):
@@ -162,7 +164,8 @@ class RunModels:
 
         self._adapter = None
         with self.ui.status(f"loading adapter {name} (merged into its base) ..."):
-            self._adapter = LocalBackend(self.folder.model_source, device=self.device, adapter=str(path))
+            self._adapter = LocalBackend(self.folder.model_source, device=self.device, adapter=str(path),
+                                         dtype=self.dtype)
         return self._adapter
 
     def reader(self, spec: ModelSpec, what: str):

@@ -31,6 +31,7 @@ class GenerateJob:
     model: str = "default"
     endpoints: Endpoints = field(default_factory=Endpoints)
     device: str | None = None
+    dtype: str | None = None                # the local backend's weights (None: fp32 on CPU, bf16 on a GPU)
     split: str = "train"
     rounds: int = 1
     limit: int | None = None
@@ -60,7 +61,8 @@ def generate(job: GenerateJob, ui: Ui | None = None, dry_run: bool = False):
     options = job.endpoints.options() if job.backend == "openai" else {}
     t_load = time.perf_counter()
     with ui.status(f"loading {'the tokenizer of ' if dry_run else ''}model {job.model} ..."):
-        backend = make_backend(job.backend, job.model, device=job.device, weights=not dry_run, **options)
+        backend = make_backend(job.backend, job.model, device=job.device, weights=not dry_run, dtype=job.dtype,
+                               **options)
     c = job.constitution
     ui.note(f"model {backend.model} ({job.backend}) loaded in {time.perf_counter() - t_load:.1f}s; "
             f"{len(items)} prompts from {prompts.source}, constitution {c.name} v{c.version}")
@@ -117,7 +119,7 @@ def build_data(run: Path, opts, ui: Ui | None = None, *, device: str | None = No
             options = {"base_urls": urls, "api_key_env": endpoints.api_key_env,
                        "concurrency": endpoints.concurrency}
         with ui.status(f"loading model {model} to answer the helpfulness prompts ..."):
-            return make_backend(kind, model, device=device, **options)
+            return make_backend(kind, model, device=device, dtype=info.dtype, **options)
 
     kept = f"the helpfulness answers finished so far are saved in {folder.shown(folder.helpful_dir)}"
     with resumable(kept, interrupt=False), ui.bar() as bar:
@@ -168,10 +170,17 @@ def evaluate(run: Path, opts, ui: Ui | None = None, *, device: str | None = None
     if opts.batch_size < 1 or opts.max_new_tokens < 1:
         raise CaiError("--batch-size and --max-new-tokens must be at least 1")
     folder = RunFolder.open(run)
+    if folder.info.backend == "local":
+        from dataclasses import replace
+
+        from cai.inference.dtype import choose_dtype, default_device, dtype_name
+
+        wanted = opts.dtype or folder.info.dtype
+        opts = replace(opts, dtype=dtype_name(choose_dtype(device or default_device(), wanted)))
     plan = plan_eval(folder, opts)
     for note in plan.notes:
         ui.note(note, label="note")
-    models = RunModels(folder, ui, device)
+    models = RunModels(folder, ui, device, opts.dtype)
     kind, reader = models.reader(judge, "judge")
     judge_model: Any = (EndpointJudge(reader) if kind == "openai"
                         else LocalJudge(reader, batch_size=opts.batch_size))
