@@ -10,6 +10,10 @@ cuts a critique stage from ~27 s to ~7 s for 8 prompts, with identical greedy ou
 left-padded *after* the shared prefix; position ids come from the attention mask, so pads never shift positions (the
 layout is :mod:`cai.inference.batching`'s, shared with the judge and the server engine; the top-p draw is
 :mod:`cai.inference.sampling`'s).
+
+Continuation: after a call, its cache is kept (:mod:`cai.inference.continuation`); when the next call's rows extend
+its rows (the revise stage's prompts are the critique stage's prompts plus the critiques just written), only their
+new tokens are fed. On by default; ``continuation=False`` prefills every call from the prefix cache alone.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from cai.backends.base import Completion, Sampling
 from cai.core.errors import ContextLengthError, Issue
 from cai.core.prompts import Message
 from cai.inference.batching import common_prefix, left_pad, prefix_cache, repeat_cache
+from cai.inference.continuation import Kept, build, kept_after, plan
 from cai.inference.loading import load_chat_model
 from cai.inference.sampling import TOP_K, draw_rows
 
@@ -55,7 +60,8 @@ class LocalBackend:
     MAX_ENTRIES = 4       # cached prefixes kept (least recently used dropped)
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                 prefix_cache: bool = True, weights: bool = True, adapter: str | None = None):
+                 prefix_cache: bool = True, weights: bool = True, adapter: str | None = None,
+                 continuation: bool = True):
         """``weights=False`` loads the tokenizer and config only: enough to count tokens (``cai generate
         --dry-run``), not to generate. ``adapter``: a LoRA adapter folder of this base model, merged in."""
         loaded = load_chat_model(model, device, dtype, weights=weights, adapter=adapter)
@@ -69,6 +75,9 @@ class LocalBackend:
         self.shared_prefix = False
         self._prefixes: OrderedDict[tuple[int, ...], object] = OrderedDict()   # token ids -> DynamicCache (batch 1)
         self.prefix_hits = 0      # rows that reused a cached prefix (for tests and benchmarks)
+        self.continuation = continuation and prefix_cache
+        self._kept: Kept | None = None
+        self.continued_tokens = 0  # prompt tokens not prefilled again: taken from the previous call's cache
         self.shared_prefix = self.lm is not None and prefix_cache and self._use_shared_prefix_attention()
 
     def _use_shared_prefix_attention(self) -> bool:
@@ -106,25 +115,20 @@ class LocalBackend:
                         for i, n in enumerate(lengths) if n + sampling.max_new_tokens > self.context_length]
             if too_long:
                 raise ContextLengthError("prompt does not fit the model's context", too_long)
-        prefix, cache = self._cached_prefix(ids) if self.prefix_cache else ((), None)
-        p = len(prefix)
         pad = self.tokenizer.pad_token_id
-        padded = left_pad([x[p:] for x in ids], pad, offset=p, device=self.device)
+        kept, self._kept = self._kept, None
+        cont = plan(kept, ids) if self.continuation else None
         extra: dict = {}
-        if cache is not None and self.shared_prefix:
-            # only the rows' suffixes go in; the prefix lives once in the cache, positions continue after it
-            from cai.inference.prefix_attention import SuffixCache
-
-            input_ids, mask = padded.ids, padded.mask
-            extra["position_ids"] = padded.positions
-            extra["past_key_values"] = SuffixCache(self.lm.config, cache)  # type: ignore[arg-type]
+        if kept is not None and cont is not None:
+            # the previous call's cache, its rows extended: only each row's new tokens are fed
+            held, input_ids, mask, positions, _ = build(kept, cont, ids, pad, self.device)
+            extra["position_ids"] = positions
+            prefix, tokens = kept.prefix, [kept.tokens[j][:n] + x[len(kept.prefix) + n:]
+                                           for j, n, x in zip(cont.rows, cont.reuse, ids)]
+            self.continued_tokens += sum(cont.reuse)
         else:
-            # [shared prefix][left padding][row suffix], the prefix's cache copied into every row
-            input_ids, mask = padded.with_prefix(prefix)
-            if cache is not None:
-                extra["past_key_values"] = repeat_cache(cache, len(batch))
-        if cache is not None:
-            self.prefix_hits += len(batch)
+            prefix, held, mask, input_ids, tokens = self._fresh_layout(ids, extra)
+        extra["past_key_values"] = held
         if sampling.temperature > 0:
             # sampling is done by our processor (the token it draws is the only one left), decoding stays "greedy"
             extra["logits_processor"] = LogitsProcessorList([TopPSampler(sampling.temperature, sampling.top_p, seed)])
@@ -142,7 +146,31 @@ class LocalBackend:
                 **extra,
             )
         new_tokens = out[:, input_ids.shape[1]:].tolist()
+        if self.continuation:
+            self._kept = kept_after(held, prefix, mask, tokens, new_tokens, set(self.eos_ids))
         return [self._completion(row, n) for row, n in zip(new_tokens, lengths)]
+
+    def _fresh_layout(self, ids: list[list[int]], extra: dict):
+        """A call laid out from the prefix cache: ``(prefix held apart, cache, attention mask, input ids, each row's
+        tokens in the cache's columns)``; position ids go into ``extra``."""
+        from transformers import DynamicCache
+
+        prefix, cache = self._cached_prefix(ids) if self.prefix_cache else ((), None)
+        p = len(prefix)
+        padded = left_pad([x[p:] for x in ids], self.tokenizer.pad_token_id, offset=p, device=self.device)
+        if cache is not None:
+            self.prefix_hits += len(ids)
+        if cache is not None and self.shared_prefix:
+            # only the rows' suffixes go in; the prefix lives once in the cache, positions continue after it
+            from cai.inference.prefix_attention import SuffixCache
+
+            extra["position_ids"] = padded.positions
+            shared = SuffixCache(self.lm.config, cache)  # type: ignore[arg-type]
+            return tuple(prefix), shared, padded.mask, padded.ids, [x[p:] for x in ids]
+        # [shared prefix][left padding][row suffix], the prefix's cache copied into every row
+        input_ids, mask = padded.with_prefix(prefix)
+        held = repeat_cache(cache, len(ids)) if cache is not None else DynamicCache(config=self.lm.config)
+        return (), held, mask, input_ids, [list(x) for x in ids]
 
     def _cached_prefix(self, ids: list[list[int]]) -> tuple[tuple[int, ...], object | None]:
         """The longest cached prefix shared by every row, computing one for this batch's common prefix if none
