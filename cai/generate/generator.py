@@ -89,21 +89,29 @@ class Estimate:
 
 
 class Generator:
+    """``backend`` answers; ``critic`` (default: the same model, as in the paper) critiques and revises, as when a
+    strong model teaches a small one."""
+
     def __init__(self, constitution: Constitution, backend: Backend, *, rounds: int = 1,
-                 sampling: Sampling | None = None):
+                 sampling: Sampling | None = None, critic: Backend | None = None):
         if rounds < 0:
             raise ValueError(f"rounds must be at least 0, got {rounds}")
         self.constitution = constitution
         self.backend = backend
+        self.critic = critic if critic is not None and critic is not backend else None
         self.rounds = rounds
         self.sampling = sampling or Sampling()
+
+    def backend_for(self, stage: str) -> Backend:
+        """Who makes a stage: the answer is the policy's, critiques and revisions the critic's."""
+        return self.critic if self.critic is not None and stage != "respond" else self.backend
 
     def plan(self, items: list[PromptItem]) -> list[Plan]:
         plans = []
         for item in items:
             principles = draw_principles(self.constitution, item.id, self.sampling.seed, self.rounds)
             plans.append(Plan(item, principles, record_key(item, self.constitution, principles, self.backend,
-                                                           self.sampling)))
+                                                           self.sampling, critic=self.critic)))
         return plans
 
     def context_issues(self, plans: list[Plan]) -> tuple[dict[str, Issue], dict[str, int]]:
@@ -173,12 +181,13 @@ class Generator:
         while asks:
             stage, rnd, _ = next(iter(asks.values()))    # every chain has the same stages: they move together
             t0 = time.perf_counter()
-            keys = {i: stage_key(self.backend, s, m) for i, (_, _, m) in asks.items()} if cache is not None else {}
+            backend = self.backend_for(stage)
+            keys = {i: stage_key(backend, s, m) for i, (_, _, m) in asks.items()} if cache is not None else {}
             results = {i: hit for i in keys if (hit := cache.get(keys[i])) is not None}  # type: ignore[union-attr]
             send = [i for i in asks if i not in results]
             out: list[Completion] = []
             if send:
-                out = self.backend.generate([asks[i][2] for i in send], s,
+                out = backend.generate([asks[i][2] for i in send], s,
                                             seed=(bseed + 1000 * rnd + len(stage)) % (2 ** 31))
                 if len(out) != len(send):
                     raise RuntimeError(f"backend returned {len(out)} completions for {len(send)} conversations")
@@ -212,7 +221,7 @@ class Generator:
         its own, ``window`` records at a time: a record moves to its next stage as soon as its answer is back, so no
         stage waits for the slowest request of a batch and every endpoint stays busy. Other backends (the local
         model) run ``window`` records at a time in lockstep through ``run_batch``, one batched call per stage."""
-        if isinstance(self.backend, AsyncBackend):
+        if isinstance(self.backend, AsyncBackend) and self.critic is None:
             self.backend.run(self._stream_async(plans, on_records, window, on_stage, on_error, cache))
             return
         for start in range(0, len(plans), window):
@@ -301,12 +310,12 @@ class Generator:
         def step(stage: str, messages: list[Message], unknown: int) -> str | None:
             nonlocal calls, cached, prompt_tokens
             if not unknown:
-                hit = cache.get(stage_key(self.backend, s, messages))
+                hit = cache.get(stage_key(self.backend_for(stage), s, messages))
                 if hit is not None:
                     cached += 1
                     return hit.text
             calls += 1
-            prompt_tokens += self.backend.count_tokens(messages) + unknown * assumed
+            prompt_tokens += self.backend_for(stage).count_tokens(messages) + unknown * assumed
             return None
 
         answer = step("respond", respond_messages(convo), 0)
@@ -345,6 +354,7 @@ class Generator:
                 "model_revision": self.backend.model_revision,
                 "backend": self.backend.name,
                 **_dtype_field(self.backend),
+                **_critic_field(self.critic),
                 "sampling": self.sampling.to_dict(),
                 "seed": self.sampling.seed,
                 "rounds": self.rounds,
@@ -358,3 +368,10 @@ def _dtype_field(backend: Backend) -> dict[str, str]:
     """``{"dtype": ...}`` for a backend that computes in a known dtype (a local model), else nothing."""
     dtype = getattr(backend, "dtype", None)
     return {"dtype": str(dtype)} if dtype else {}
+
+
+def _critic_field(critic: Backend | None) -> dict[str, dict]:
+    """``{"critic": ...}`` when another model critiqued and revised (lineage), else nothing."""
+    if critic is None:
+        return {}
+    return {"critic": {"model": critic.model, "revision": critic.model_revision, "backend": critic.name}}

@@ -48,7 +48,7 @@ def draw_principles(constitution: Constitution, prompt_id: str, seed: int, round
 
 
 def record_key(item: PromptItem, constitution: Constitution, principles: tuple[str, ...], backend: Backend,
-               sampling: Sampling) -> str:
+               sampling: Sampling, critic: Backend | None = None) -> str:
     material = {
         "prompt_id": item.id,
         "messages": item.messages,
@@ -60,7 +60,27 @@ def record_key(item: PromptItem, constitution: Constitution, principles: tuple[s
     }
     if dtype_of(backend):                      # bf16 records are other records (fp32 keys stay as they were)
         material["dtype"] = dtype_of(backend)
+    if adapter_of(backend):                    # a policy with an adapter merged in is another model
+        material["adapter"] = adapter_of(backend)
+    if critic is not None:                     # another model critiqued and revised
+        material["critic"] = {"model": critic.model, "revision": critic.model_revision,
+                              **({"dtype": dtype_of(critic)} if dtype_of(critic) else {}),
+                              **({"adapter": adapter_of(critic)} if adapter_of(critic) else {})}
     return content_digest(material)
+
+
+def adapter_of(backend: Backend) -> str | None:
+    """The sha256 of the adapter merged into a local backend's model (its weights file), or None."""
+    folder = getattr(backend, "adapter", None)
+    if not folder:
+        return None
+    from pathlib import Path
+
+    from cai.core.hashing import file_sha256
+
+    weights = next((Path(folder) / w for w in ("adapter_model.safetensors", "adapter_model.bin")
+                    if (Path(folder) / w).exists()), None)
+    return file_sha256(weights) if weights else str(folder)
 
 
 def stage_key(backend: Backend, sampling: Sampling, messages: list[Message]) -> str:
@@ -70,6 +90,8 @@ def stage_key(backend: Backend, sampling: Sampling, messages: list[Message]) -> 
                 "messages": messages}
     if dtype_of(backend):
         material["dtype"] = dtype_of(backend)
+    if adapter_of(backend):
+        material["adapter"] = adapter_of(backend)
     return content_digest(material)
 
 
