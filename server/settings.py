@@ -77,6 +77,8 @@ def review_map(specs: list[str]) -> dict[str, str]:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
             raise CaiError(f"--review {spec!r}: the run's name {name!r} is not usable in an address; give "
                            "NAME=PATH with a NAME of letters, digits and . _ -")
+        if name in ("api", "static", "session"):
+            raise CaiError(f"--review {spec!r}: {name!r} is a name the page's own addresses use; give NAME=PATH")
         if name in runs:
             raise CaiError(f"--review {spec!r}: two runs are named {name!r}; give NAME=PATH")
         runs[name] = path
