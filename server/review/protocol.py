@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from cai.review.store import MAX_TEXT
 from server.wire import StrictRequest, Wire, check_text
@@ -34,6 +34,14 @@ class QueueQuery(BaseModel):
     order: Literal["asc", "desc"] = "asc"
     page: int = Field(default=1, ge=1, le=1_000_000)
     per_page: int = Field(default=PER_PAGE, ge=1, le=MAX_PER_PAGE)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        """The page's filter form sends every field, the unused ones empty (``kind=&flag=``): empty means any."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v != ""}
+        return data
 
     def params(self, **change) -> dict[str, str]:
         """The query as URL parameters (defaults left out), with ``change`` applied."""

@@ -36,6 +36,8 @@ def test_the_queue_filters_by_flag_principle_category_kind_and_words(served):
     assert ids(c, category="weapons", kind="record") == ["rec00001", "rec00003", "rec00005", "rec00007", "rec00009"]
     assert ids(c, kind="preference") == ["pair-rec00000-0", "pair-rec00001-0", "pair-rec00002-0"]
     assert ids(c, q="number 7:", kind="record") == ["rec00007"]
+    assert ids(c, kind="", flag="", category="weapons", q="", status="", sort="position") == [   # the form's empties
+        "rec00001", "rec00003", "rec00005", "rec00007", "rec00009"]
 
 
 def test_the_queue_pages_and_sorts_on_the_server(served):
