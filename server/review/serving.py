@@ -79,7 +79,8 @@ class ReviewServing:
 
     def __init__(self, runs: dict[str, str], rule: str = "any-reject"):
         self.indexes = {name: RunIndex(name, path, rule) for name, path in runs.items()}
-        self._rows: OrderedDict[tuple, list[Item]] = OrderedDict()     # (run, version, query) → the rows, in order
+        # (run, version, query) → the rows in order, and ("status" | ..., run, version) → a summary: until it changes
+        self._rows: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -114,7 +115,23 @@ class ReviewServing:
                 self._rows.popitem(last=False)
         return out
 
+    def _memo(self, what: str, idx: RunIndex, make):
+        """``make()``, computed once per version of the index (the queue page asks for several summaries)."""
+        key = (what, idx.name, idx.version)
+        with self._lock:
+            if key in self._rows:
+                return self._rows[key]
+        value = make()
+        with self._lock:
+            self._rows[key] = value
+            while len(self._rows) > 64:
+                self._rows.popitem(last=False)
+        return value
+
     def progress(self, idx: RunIndex) -> Progress:
+        return self._memo("progress", idx, lambda: self._progress(idx))
+
+    def _progress(self, idx: RunIndex) -> Progress:
         items = idx.items
         return Progress(items=len(items), reviewed=sum(i.outcome.reviewed for i in items),
                         stale=sum(i.outcome.status == "stale" for i in items),
@@ -134,13 +151,17 @@ class ReviewServing:
     def choices(self, run: str) -> dict[str, list[str]]:
         """The values the queue's filters offer: flags, principles, categories, reviewers seen in the run."""
         idx = self.index(run)
-        return {"flag": sorted({f for i in idx.items for f in i.flags}),
-                "principle": sorted({p for i in idx.items for p in i.principles}),
-                "category": sorted({i.category for i in idx.items if i.category}),
-                "reviewer": sorted({r.reviewer for rs in idx.reviews.values() for r in rs})}
+        return self._memo("choices", idx, lambda: {
+            "flag": sorted({f for i in idx.items for f in i.flags}),
+            "principle": sorted({p for i in idx.items for p in i.principles}),
+            "category": sorted({i.category for i in idx.items if i.category}),
+            "reviewer": sorted({r.reviewer for rs in idx.reviews.values() for r in rs})})
 
     def status(self, run: str) -> RunStatus:
         idx = self.index(run)
+        return self._memo("status", idx, lambda: self._status(run, idx))
+
+    def _status(self, run: str, idx: RunIndex) -> RunStatus:
         s = summarize({i.id: i.outcome for i in idx.items})
         return RunStatus(run=run, path=str(idx.folder.root), records=len(idx.records), preferences=len(idx.prefs),
                          progress=self.progress(idx), by_status=s.by_status, reviewers=s.reviewers,

@@ -74,7 +74,7 @@ def test_the_record_view_shows_rounds_principles_diff_flags_and_provenance(serve
     for text in (r.messages[0]["content"], r.initial, r.rounds[0].critique, r.final, "harmless", "truncated",
                  "an accept does not lift a flag", r.provenance.model, record_digest_of(c, "rec00003")):
         assert text in html, text
-    assert "<del>First</del><ins>Revised</ins>" in html                         # the word-level diff
+    assert "<del>First </del><ins>Revised </ins>" in html                       # the word-level diff
     assert 'id="next" href="/review/run/items/rec00004"' in html and 'id="prev"' in html
     filtered = c.get("/review/run/items/rec00003", params={"category": "weapons"}).text
     assert 'href="/review/run/items/rec00005?category=weapons"' in filtered      # next within the filtered queue
