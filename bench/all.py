@@ -30,6 +30,7 @@ BENCHES = {
     "serve": ([], ["--requests", "1", "--single", "3"]),
     "hostile_yaml": ([], []),
     "label": ([], ["--pairs", "8"]),
+    "review": ([], ["--records", "2000", "--repeats", "3", "--decisions", "15"]),
 }
 RATIO = re.compile(r"^(?P<name>.+?)\s*=\s*(?P<value>[-+0-9.eE]+)\s+\(target\s*(?P<op>>=|<=)\s*(?P<target>[-+0-9.eE]+)")
 

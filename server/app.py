@@ -3,8 +3,9 @@ holds (engine, constitution registry, metrics, the serving classes, the draining
 :class:`~server.state.ServerState` on ``app.state.server``, so two apps in one process (tests) share nothing.
 
 The routes are by feature: ``server/openai`` (chat completions), ``server/critique`` (critique, revise),
-``server/admin`` (health, metrics, models, constitutions). Each fetches its serving class through a typed dependency
-(``server/deps.py``) and calls it.
+``server/admin`` (health, metrics, models, constitutions), ``server/review`` (the review page, with
+``Settings.review_runs``; with ``Settings.model`` None it is all the server does: no model is loaded). Each fetches
+its serving class through a typed dependency (``server/deps.py``) and calls it.
 
 Life of an app. The lifespan loads the constitutions (strict: a bad file stops the start), starts the watch that
 picks up their edits, and loads the model and adapters **in the background**: the server answers at once, ``/health``
@@ -35,7 +36,10 @@ from server.critique.routes import router as critique_router
 from server.errors import HANDLED, handle_error
 from server.openai.routes import router as openai_router
 from server.responses import AsciiJSONResponse
-from server.security import Guard
+from server.review.pages import login_page
+from server.review.routes import router as review_router
+from server.review.serving import ReviewServing
+from server.security import Guard, Sessions
 from server.settings import Settings, check_adapter
 from server.state import ServerState, Services
 
@@ -57,8 +61,13 @@ def load_engine(settings: Settings) -> tuple[Any, dict[str, dict | None]]:
 
 def create_app(settings: Settings, *, on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
     st = ServerState(settings, on_fatal=on_fatal)
+    if settings.review_runs:
+        st.review = ReviewServing(dict(settings.review_runs), settings.review_rule)
+        st.sessions = Sessions(list(settings.api_keys)) if settings.api_keys else None
 
     async def load() -> None:
+        if settings.model is None:                   # `cai review`: the review page only
+            return
         try:
             engine, manifests = await asyncio.to_thread(load_engine, settings)
             engine.start()
@@ -75,16 +84,20 @@ def create_app(settings: Settings, *, on_fatal: Callable[[BaseException], None] 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        st.registry = await asyncio.to_thread(ConstitutionRegistry, list(settings.constitutions))
+        if settings.constitutions:                  # `cai review` serves none
+            st.registry = await asyncio.to_thread(ConstitutionRegistry, list(settings.constitutions))
+        if st.review is not None:                   # every run indexed once, before the first request
+            await asyncio.to_thread(st.review.load)
         loading = asyncio.create_task(load())
-        watching = asyncio.create_task(watch(st.registry, settings.watch_interval_s))
+        watching = asyncio.create_task(watch(st.registry, settings.watch_interval_s)) if st.registry else None
         try:
             yield
         finally:
             st.draining = True
-            watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watching
+            if watching is not None:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
             await asyncio.shield(loading)           # a model being loaded is waited for, then drained
             if st.engine is not None:
                 await asyncio.to_thread(st.engine.drain, settings.drain_timeout_s)
@@ -94,11 +107,13 @@ def create_app(settings: Settings, *, on_fatal: Callable[[BaseException], None] 
                   description="Constitutional AI service: an OpenAI-compatible chat endpoint over the base model "
                               "and its adapters, beside the live critique→revise pipeline.")
     app.state.server = st
-    for router in (admin_router, openai_router, critique_router):
+    routers = [admin_router] + ([openai_router, critique_router] if settings.model is not None else [])
+    for router in routers + ([review_router] if st.review is not None else []):
         app.include_router(router)
     for exc_class in HANDLED:
         app.add_exception_handler(exc_class, handle_error)
-    app.add_middleware(Guard, keys=list(settings.api_keys), max_body_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(Guard, keys=list(settings.api_keys), max_body_bytes=settings.limits.max_body_bytes,
+                       sessions=st.sessions, login_page=login_page() if st.review is not None else None)
     app.add_middleware(MetricsMiddleware, metrics=lambda: st.metrics)
     return app
 

@@ -1,6 +1,6 @@
 """What routes depend on, as typed dependencies (``Annotated[X, Depends(...)]``): the app's state, the serving class
-of each feature (503 until the model has loaded), the constitution registry, and two guards of work routes (the body
-must be declared JSON; no new work once shutdown began)."""
+of each feature (503 until the model has loaded; the review page's needs no model), the constitution registry, who
+is reviewing, and two guards of work routes (the body must be declared JSON; no new work once shutdown began)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from fastapi import Depends, Request
 from server.admin.serving import ModelListing
 from server.constitutions import ConstitutionRegistry
 from server.critique.serving import CritiqueServing
-from server.errors import Unavailable, UnsupportedMediaType
+from server.errors import NotFound, Unavailable, UnsupportedMediaType
 from server.openai.serving import ChatServing
+from server.review.serving import ReviewServing
+from server.security import SESSION_COOKIE, bearer_token, cookie_value, holder_of, matching_key
 from server.state import ServerState
 
 
@@ -37,14 +39,39 @@ def model_listing(state: State) -> ModelListing:
 
 
 def constitution_registry(state: State) -> ConstitutionRegistry:
-    assert state.registry is not None          # set by the lifespan before the first request
+    if state.registry is None:                 # set by the lifespan, unless the server serves no constitution
+        raise Unavailable("this server serves no constitution (it was started by `cai review`)")
     return state.registry
+
+
+def review_serving(state: State) -> ReviewServing:
+    if state.review is None:
+        raise NotFound("this server shows no run for review (start it with `cai serve --review RUN` or "
+                       "`cai review RUN`)", None, "review_not_enabled")
+    return state.review
+
+
+def reviewer(request: Request, state: State) -> str | None:
+    """Who is asking, by the API key that let them in (the header's, else the review session cookie's): the name
+    the key file gives the key, else ``key-`` and its hash's first digits. None on a server with no keys (the
+    reviewer names themself)."""
+    keys = list(state.settings.api_keys)
+    if not keys:
+        return None
+    headers = request.scope.get("headers", [])
+    token = bearer_token(headers)
+    key = matching_key(token, keys) if token else None
+    if key is None and state.sessions is not None:
+        key = state.sessions.key_of(cookie_value(headers, SESSION_COOKIE))
+    return holder_of(key, state.settings.key_holders) if key else None
 
 
 Chat = Annotated[ChatServing, Depends(chat_serving)]
 Critique = Annotated[CritiqueServing, Depends(critique_serving)]
 Models = Annotated[ModelListing, Depends(model_listing)]
 Registry = Annotated[ConstitutionRegistry, Depends(constitution_registry)]
+Review = Annotated[ReviewServing, Depends(review_serving)]
+Reviewer = Annotated[str | None, Depends(reviewer)]
 
 
 async def require_json(request: Request) -> None:

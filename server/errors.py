@@ -54,6 +54,15 @@ class NotFound(LookupError):
         self.message, self.param, self.code = message, param, code
 
 
+class Conflict(Exception):
+    """The request is about a state that is no longer there (409): a decision about content that changed since the
+    reviewer opened it."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
 class GenerationFailed(RuntimeError):
     """The engine could not finish a request (a failed wave, a shutdown that ran out of time): the server's
     problem, not the caller's (5xx)."""
@@ -164,6 +173,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
         return 404, body(str(exc), "invalid_request_error", "model", "model_not_found"), headers
     if isinstance(exc, NotFound):
         return 404, body(exc.message, "invalid_request_error", exc.param, exc.code), headers
+    if isinstance(exc, Conflict):
+        return 409, body(exc.message, "invalid_request_error", exc.param, exc.code), headers
     if isinstance(exc, UnsupportedMediaType):
         return 415, body(str(exc), "invalid_request_error", None, "unsupported_media_type"), headers
     if isinstance(exc, QueueFull):
@@ -201,6 +212,6 @@ async def handle_error(request: Any, exc: Exception) -> Response:
     return error_response(exc)
 
 
-HANDLED = (RequestValidationError, StarletteHTTPException, InvalidRequest, NotFound, UnknownModel, ContextLengthError,
-           QueueFull, EngineStopped, Unavailable, UnsupportedMediaType, ClientDisconnected, GenerationFailed,
-           CaiError, Exception)
+HANDLED = (RequestValidationError, StarletteHTTPException, InvalidRequest, NotFound, Conflict, UnknownModel,
+           ContextLengthError, QueueFull, EngineStopped, Unavailable, UnsupportedMediaType, ClientDisconnected,
+           GenerationFailed, CaiError, Exception)

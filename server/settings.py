@@ -37,10 +37,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = "default"
+    model: str | None = "default"            # None: no model at all (``cai review``: the review page only)
     adapters: dict[str, str] = field(default_factory=dict)       # name -> folder
     constitutions: tuple[str, ...] = ("constitution",)            # files or folders
     api_keys: tuple[str, ...] = ()                                # none: the server is open (it binds 127.0.0.1)
+    key_holders: dict[str, str] = field(default_factory=dict)     # key -> its holder's name (the reviewer)
+    review_runs: dict[str, str] = field(default_factory=dict)     # name -> run folder shown at /review
+    review_rule: str = "any-reject"                               # how the page resolves reviewers who disagree
     limits: Limits = field(default_factory=Limits)
     device: str | None = None
     dtype: str = "auto"            # weights' dtype; auto: bf16 where the GPU or CPU has bf16 in hardware, else fp32
@@ -52,15 +55,34 @@ class Settings:
     drain_timeout_s: float = 300.0  # in-flight requests still running this long after shutdown began are cancelled
 
 
-def parse_adapter(spec: str) -> tuple[str, str]:
+def parse_adapter(spec: str, flag: str = "--adapter") -> tuple[str, str]:
     """``NAME=PATH`` or ``PATH`` (the name is then the folder's name: ``runs/demo/adapters/dpo`` -> ``dpo``)."""
     name, sep, path = spec.partition("=")
     if not sep:
         path = spec
         name = Path(spec.rstrip("/")).name
     if not name or not path:
-        raise CaiError(f"--adapter {spec!r}: give NAME=PATH or PATH")
+        raise CaiError(f"{flag} {spec!r}: give NAME=PATH or PATH")
     return name, path
+
+
+def review_map(specs: list[str]) -> dict[str, str]:
+    """``--review [NAME=]RUN`` (repeatable) -> name -> run folder; a name is the folder's name unless given, and is
+    what the page's addresses hold (``/review/NAME``), so it is letters, digits and ``. _ -``."""
+    import re
+
+    runs: dict[str, str] = {}
+    for spec in specs:
+        name, path = parse_adapter(spec, "--review")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+            raise CaiError(f"--review {spec!r}: the run's name {name!r} is not usable in an address; give "
+                           "NAME=PATH with a NAME of letters, digits and . _ -")
+        if name in ("api", "static", "session"):
+            raise CaiError(f"--review {spec!r}: {name!r} is a name the page's own addresses use; give NAME=PATH")
+        if name in runs:
+            raise CaiError(f"--review {spec!r}: two runs are named {name!r}; give NAME=PATH")
+        runs[name] = path
+    return runs
 
 
 def adapter_map(specs: list[str], base_name: str = "base") -> dict[str, str]:

@@ -16,6 +16,8 @@ from server.critique.pipeline import Pipeline
 from server.critique.serving import CritiqueServing
 from server.errors import Unavailable
 from server.openai.serving import ChatServing
+from server.review.serving import ReviewServing
+from server.security import Sessions
 from server.settings import Limits, Settings
 from server.user_text import SpecialTokenFilter
 
@@ -47,6 +49,8 @@ class ServerState:
     engine: Any = None                          # server.engine.Engine once loaded
     services: Services | None = None
     manifests: dict[str, dict | None] = field(default_factory=dict)
+    review: ReviewServing | None = None         # the review page's runs (none: no page)
+    sessions: Sessions | None = None            # the review page's viewing cookies (with API keys only)
     draining: bool = False
     load_error: str | None = None
     on_fatal: Callable[[BaseException], None] | None = None   # told when the model cannot be loaded
@@ -55,6 +59,9 @@ class ServerState:
         """The services, or Unavailable (503) while loading, after a failed load, or once the engine died."""
         if self.draining:
             raise Unavailable("the server is shutting down")
+        if self.settings.model is None:
+            raise Unavailable("this server serves no model (it was started by `cai review`, for the review page "
+                              "only)")
         if self.load_error is not None:
             raise Unavailable(f"the model failed to load: {self.load_error}")
         if self.services is None:
@@ -69,6 +76,8 @@ class ServerState:
             return 503, Health(status="draining")
         if self.load_error is not None:
             return 503, Health(status="failed", error=self.load_error)
+        if self.settings.model is None:            # `cai review`: no model to wait for
+            return 200, Health(status="ok", models=[])
         if self.engine is None:
             return 503, Health(status="loading")
         if self.engine.error or not self.engine.running:

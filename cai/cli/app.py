@@ -19,6 +19,7 @@ from cai.cli import (
     generate,
     label,
     merge,
+    review,
     serve,
     train,
     validate,
@@ -32,7 +33,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 # the order of `cai --help`
-COMMANDS = (validate, constitution, generate, demo, label, data, train, evaluate, merge, serve)
+COMMANDS = (validate, constitution, generate, demo, label, review, data, train, evaluate, merge, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

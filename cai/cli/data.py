@@ -1,5 +1,5 @@
-"""``cai data build``: a run's records (and, with ``--preferences``, its AI-feedback labels) →
-RUN/data/{sft,dpo}_{train,test}.jsonl (+ reward_{train,test}.jsonl) and a dataset card."""
+"""``cai data build``: a run's records (and, with ``--preferences``, its AI-feedback labels), with people's review
+decisions applied → RUN/data/{sft,dpo}_{train,test}.jsonl (+ reward_{train,test}.jsonl) and a dataset card."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ class DataBuildArgs:
                                                  "soft-labels`) or hard (label 1.0: plain DPO)", metavar="soft|hard")
     min_confidence: float | None = option(None, "with --preferences: leave out pairs whose label is less sure than "
                                                 "this, in [0.5, 1] (default: 0.5, every labelled pair)", metavar="P")
+    require_review: bool = option(False, "only what a person accepted or edited on the review page (`cai review "
+                                         "RUN`) trains, and pairs they agreed with or flipped; unreviewed items and "
+                                         "those changed since their review are left out")
+    review_rule: str = option("any-reject", "how reviewers who disagree resolve: any-reject (one reject leaves an "
+                                            "item out), latest (the most recent decision stands), unanimous "
+                                            "(disagreement leaves it out) (default: %(default)s)",
+                              choices=["any-reject", "latest", "unanimous"])
     device: str | None = option(None, "torch device for answering the helpful prompts (default: cuda if available)")
     base_url: list[str] = option([], "a run made with --backend openai: the endpoints that answer the helpful "
                                      "prompts (default: the run's own, from run.json); repeatable", metavar="URL")
@@ -61,7 +68,8 @@ def run_build(ns: argparse.Namespace) -> int:
     opts = BuildOptions(helpful_mix=a.helpful_mix, test_size=a.test_size, all_rounds=a.all_rounds,
                         allow_flags=tuple(a.allow_flag), seed=a.seed, helpful_prompts=a.helpful_prompts,
                         preferences=a.preferences, preference_labels=a.preference_labels,
-                        min_confidence=a.min_confidence)
+                        min_confidence=a.min_confidence, require_review=a.require_review,
+                        review_rule=a.review_rule)
     opts.check()
     if opts.helpful_mix > 0:
         quiet_libraries()

@@ -23,9 +23,14 @@ class ServeArgs:
     constitution: list[str] = option([], "constitution file or folder of *.yaml, reloaded on edit, or the name of a "
                                          "shipped one; repeatable (default: constitution/, else the shipped default)",
                                      metavar="PATH")
-    api_key_file: Path | None = option(None, "API keys, one a line (# comments allowed)")
+    api_key_file: Path | None = option(None, "API keys, one a line (# comments allowed); `NAME: KEY` names the "
+                                             "key's holder, who is the reviewer on the review page")
     api_key_env: str = option("CAI_API_KEYS", "environment variable with comma-separated API keys (default: "
                                               "%(default)s); with no key anywhere the server is open")
+    review: list[str] = option([], "a run folder whose records and pairs the review page (/review) shows, as NAME "
+                                   "(default: the folder's name); repeatable", metavar="[NAME=]RUN")
+    review_rule: str = option("any-reject", "how the review page resolves reviewers who disagree (default: "
+                                            "%(default)s)", choices=["any-reject", "latest", "unanimous"])
     host: str = option("127.0.0.1", "address to bind (default: %(default)s)")
     port: int = option(8000, "default: %(default)s")
     max_batch: int = option(16, "rows decoded together (default: %(default)s; 1 turns batching off)")
@@ -68,12 +73,13 @@ def run(ns: argparse.Namespace) -> int:
     """Check everything that can be checked before loading the model (keys, constitutions, adapters against the
     base), then serve."""
     from cai.cli.console import console, quiet_libraries
+    from cai.cli.review import _open
     from cai.core.errors import CaiError
     from cai.inference.loading import resolve_model
     from server.constitutions import ConstitutionRegistry
     from server.runner import serve
-    from server.security import load_api_keys
-    from server.settings import Limits, Settings, adapter_map, check_adapter
+    from server.security import read_api_keys
+    from server.settings import Limits, Settings, adapter_map, check_adapter, review_map
 
     a = parsed(ServeArgs, ns)
     err = console(stderr=True)
@@ -83,7 +89,10 @@ def run(ns: argparse.Namespace) -> int:
         raise CaiError("--max-batch and --queue-size must be at least 1")
     limits = Limits(max_tokens=a.max_tokens, default_max_tokens=a.default_max_tokens, max_n=a.max_n,
                     max_body_bytes=a.max_body_bytes)
-    keys = load_api_keys(a.api_key_file, a.api_key_env)
+    keys = read_api_keys(a.api_key_file, a.api_key_env)
+    reviews = review_map(a.review)
+    for folder in reviews.values():
+        _open(folder)
     sources = constitution_sources(a.constitution)
     registry = ConstitutionRegistry(sources)
     adapters = adapter_map(a.adapter)
@@ -94,10 +103,12 @@ def run(ns: argparse.Namespace) -> int:
     if not keys and a.host not in LOCAL_HOSTS:
         err.print(f"[yellow]warning[/]: serving on {a.host} with no API key: anyone who can reach it can use it")
     err.print(f"constitutions: {', '.join(registry.names())}; models: base ({model_id})"
-              + "".join(f", {n}" for n in adapters) + f"; {'API keys required' if keys else 'no API key'}",
+              + "".join(f", {n}" for n in adapters) + f"; {'API keys required' if keys else 'no API key'}"
+              + (f"; review page at /review ({', '.join(reviews)})" if reviews else ""),
               soft_wrap=True, markup=False)
     settings = Settings(model=a.model, adapters=adapters, constitutions=tuple(str(s) for s in sources),
-                        api_keys=tuple(keys), limits=limits, device=a.device, dtype=a.dtype, max_batch=a.max_batch,
-                        queue_size=a.queue_size, drain_grace_s=a.drain_grace)
+                        api_keys=tuple(keys), key_holders={k: v for k, v in keys.items() if v},
+                        review_runs=reviews, review_rule=a.review_rule, limits=limits, device=a.device,
+                        dtype=a.dtype, max_batch=a.max_batch, queue_size=a.queue_size, drain_grace_s=a.drain_grace)
     quiet_libraries()
     return serve(settings, host=a.host, port=a.port, log_level="info" if ns.verbose else "warning")

@@ -103,6 +103,17 @@ def print_card(card) -> None:
         cut = f", cut {p['min_confidence']}: {p['below_cut']} below" if p["below_cut"] else ""
         t.add_row("AI-feedback labels", f"{p['used']} of {p['pairs']} pairs, {p['mode']} ({p['unlabelled']} "
                                         f"unlabelled{cut}); mean confidence {p['confidence']['kept_mean']}")
+    if card.review:
+        r = card.review
+        for kind in ("records", "preferences"):
+            if kind in r:
+                k = r[kind]
+                t.add_row(f"reviewed {kind}", f"{k['reviewed']} of {k['items']} ({k['rejected']} rejected, "
+                          + (f"{k['edited']} edited" if kind == "records" else f"{k['flipped']} flipped")
+                          + f", {k['conflicts']} in conflict, {k['stale']} need review again; rule {r['rule']})")
+        t.add_row("rows from reviewed items", ", ".join(f"{kind} {c['reviewed']} of {c['rows']}"
+                                                        for kind, c in r["rows"].items())
+                  + (" (only reviewed items: --require-review)" if r["require_review"] else ""))
     if card.excluded:
         t.add_row("left out", ", ".join(f"{k} {v}" for k, v in sorted(card.excluded.items())))
     dups = sum(card.duplicates.values())

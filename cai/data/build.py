@@ -49,10 +49,13 @@ from cai.data.preferences import (
     LABEL_MODES,
     PreferenceRows,
     label_figures,
+    load_preferences,
     preference_data,
     reward_row,
 )
 from cai.resources import HELPFUL
+from cai.review import apply as review
+from cai.review.decisions import RULES
 from cai.run import RunFolder
 
 FILES = ("sft_train", "sft_test", "dpo_train", "dpo_test")
@@ -70,6 +73,8 @@ class BuildOptions:
     preferences: bool = False         # DPO (and reward) rows from RUN/preferences.jsonl, not the records' pairs
     preference_labels: str | None = None    # soft (the default: keep the probability) | hard (1.0)
     min_confidence: float | None = None     # leave out labelled pairs less confident than this, in [0.5, 1]
+    require_review: bool = False      # only what a person accepted or edited (pairs: agreed with or flipped) trains
+    review_rule: str = "any-reject"   # how disagreeing reviewers resolve: any-reject | latest | unanimous
 
     @property
     def label_mode(self) -> str:
@@ -97,6 +102,10 @@ class BuildOptions:
                             f"{self.preference_labels!r}",
                             hint="soft keeps the feedback model's probability as the label (soft-label DPO); hard "
                                  "writes 1.0 (plain DPO) after the --min-confidence cut.")
+        if self.review_rule not in RULES:
+            raise DataError(f"--review-rule must be one of {', '.join(RULES)}, got {self.review_rule!r}",
+                            hint="any-reject: one reviewer's reject leaves an item out; latest: the most recent "
+                                 "decision stands; unanimous: reviewers who disagree leave it out.")
         if not (isinstance(self.cut, (int, float)) and 0.5 <= self.cut <= 1):
             raise DataError(f"--min-confidence must be in [0.5, 1], got {self.min_confidence}",
                             hint="It is the probability that the preferred answer is the better one: 0.5 keeps "
@@ -181,7 +190,7 @@ def split_groups(groups: list[str], test_size: float, seed: int) -> set[str]:
 def _dedup(rows: list[dict]) -> tuple[list[dict], int]:
     seen, out = set(), []
     for row in rows:
-        d = content_digest(row)
+        d = content_digest({k: v for k, v in row.items() if k != review.TAG})
         if d not in seen:
             seen.add(d)
             out.append(row)
@@ -216,23 +225,37 @@ def build_datasets(run: str | Path | RunFolder, options: BuildOptions | None = N
     sft: list[dict] = []
     dpo: list[dict] = []
     labels: PreferenceRows | None = None
-    if opts.preferences:        # read (and checked) before anything is generated for the helpfulness mix
-        labels = preference_data(folder, records, mode=opts.label_mode, min_confidence=opts.cut, allow=allow)
+    loaded = load_preferences(folder) if opts.preferences else None
+    reviewed = review.load_reviews(folder, records, loaded[0] if loaded else None, rule=opts.review_rule,
+                                   require=opts.require_review)
+    if loaded:                  # read (and checked) before anything is generated for the helpfulness mix
+        labels = preference_data(folder, records, mode=opts.label_mode, min_confidence=opts.cut, allow=allow,
+                                 reviewed=reviewed, loaded=loaded)
         dpo = labels.dpo
-        for why, n in labels.excluded.items():
-            card.excluded[f"dpo:{why}"] = n
-    for rec in records:
+        for label_reason, n in labels.excluded.items():
+            card.excluded[f"dpo:{label_reason}"] = n
+    for original in records:
+        rec, why, tag = reviewed.record(original)
+        if rec is None:
+            for kind in ("sft",) if labels is not None else ("sft", "dpo"):
+                card.excluded[f"{kind}:{why}"] = card.excluded.get(f"{kind}:{why}", 0) + 1
+            continue
         rows, reasons = sft_rows(rec, opts.all_rounds, allow)
-        sft += rows
+        sft += [{**row, review.TAG: tag} for row in rows] if tag else rows
         for r in reasons:
             card.excluded[f"sft:{r}"] = card.excluded.get(f"sft:{r}", 0) + 1
         if labels is not None:
             continue
         pair, reason = dpo_row(rec, allow)
         if pair:
-            dpo.append(pair)
+            dpo.append({**pair, review.TAG: tag} if tag else pair)
         else:
             card.excluded[f"dpo:{reason}"] = card.excluded.get(f"dpo:{reason}", 0) + 1
+    if not sft and not dpo and opts.require_review:
+        raise DataError(f"--require-review: no record of {folder.shown()} is both accepted (or edited) by a "
+                        "reviewer and usable (" + ", ".join(f"{k} {v}" for k, v in sorted(card.excluded.items()))
+                        + ")", hint=f"Review more with `cai review {folder.shown()}`; see how far it got with "
+                                    f"`cai review status {folder.shown()}`.")
     if not sft and not dpo:
         flagged = sum(1 for r in records if r.flags)
         raise DataError(
@@ -283,6 +306,7 @@ def build_datasets(run: str | Path | RunFolder, options: BuildOptions | None = N
         card.files[f"{name}.jsonl"] = _write_jsonl(data / f"{name}.jsonl", rows)
         card.counts[name] = len(rows)
     card.sha256 = content_digest(card.files)
+    card.review = review.figures(reviewed, out_rows)
     card.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_json_atomic(data / "card.json", asdict(card))
     write_bytes_atomic(data / "README.md", render_card(card).encode("utf-8"))
@@ -298,7 +322,8 @@ def _flag_summary(records: list[Record]) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    data = "".join(json.dumps({k: v for k, v in r.items() if k != review.TAG}, ensure_ascii=False) + "\n"
+                   for r in rows).encode()
     write_bytes_atomic(path, data)
     return sha256_hex(data)
 

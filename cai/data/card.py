@@ -14,6 +14,7 @@ from cai.core.errors import DataError, display_path
 from cai.core.hashing import file_sha256
 from cai.core.record import Record
 from cai.data.preferences import render_labels
+from cai.review.apply import render as render_review
 from cai.run import DATA_DIR
 
 
@@ -34,6 +35,9 @@ class Card:
     # DPO rows from AI-feedback labels (--preferences): counts, label distribution, mode and cut, feedback models,
     # principles, preferences.jsonl's sha256, the labeller's check (cai.data.preferences.label_figures); else empty
     preferences: dict[str, Any] = field(default_factory=dict)
+    # people's decisions (cai.review.apply.figures): the rule, items reviewed/edited/rejected/in conflict, rows
+    # from reviewed items; empty when the run has no reviews
+    review: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)         # file name -> sha256
     sha256: str = ""                                            # the dataset's hash (over the files' hashes)
     created_at: str = ""
@@ -91,6 +95,8 @@ def render_card(card: Card) -> str:
                       "answers left out)."]
     if card.excluded:
         lines += ["", "Left out: " + ", ".join(f"{k} {v}" for k, v in sorted(card.excluded.items())) + "."]
+    if card.review:
+        lines += ["", *render_review(card.review)]
     if card.preferences:
         lines += ["", *render_labels(card.preferences),
                   "", "SFT rows: `prompt` (the conversation), `completion` (the revision). DPO rows: `prompt`, "

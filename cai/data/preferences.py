@@ -34,6 +34,7 @@ from cai.core.errors import DataError
 from cai.core.hashing import file_sha256
 from cai.core.preference import Preference, Response, read_preferences
 from cai.core.record import Record
+from cai.review.apply import TAG, ReviewState
 from cai.run import RunFolder
 
 LABEL_MODES = ("soft", "hard")
@@ -61,11 +62,14 @@ class PreferenceRows:
 
 
 def preference_data(folder: RunFolder, records: list[Record], *, mode: str, min_confidence: float,
-                    allow: set[str]) -> PreferenceRows:
-    """``RUN/preferences.jsonl`` read, checked and turned into DPO rows, with the labeller's check card."""
-    prefs, sha256 = load_preferences(folder)
+                    allow: set[str], reviewed: ReviewState | None = None,
+                    loaded: tuple[list[Preference], str] | None = None) -> PreferenceRows:
+    """``RUN/preferences.jsonl`` read (unless ``loaded`` by :func:`load_preferences` already), checked and turned
+    into DPO rows, with the labeller's check card; ``reviewed``: people's decisions on the pairs
+    (:mod:`cai.review.apply`)."""
+    prefs, sha256 = loaded or load_preferences(folder)
     rows = preference_rows(prefs, records, mode=mode, min_confidence=min_confidence, allow=allow,
-                           shown=folder.shown(folder.preferences))
+                           shown=folder.shown(folder.preferences), reviewed=reviewed)
     rows.sha256 = sha256
     labelled = [p for p in prefs if p.label is not None and p.status != "unlabelled"]
     rows.check = read_check(folder, sorted({model_name(feedback_identity(p.provenance)) for p in labelled}))
@@ -120,22 +124,31 @@ def _checked(pref: Preference, shown: str) -> None:
 
 
 def preference_rows(prefs: list[Preference], records: list[Record], *, mode: str, min_confidence: float,
-                    allow: set[str], shown: str = "preferences.jsonl") -> PreferenceRows:
-    """The DPO rows of ``prefs`` (see the module's docstring); ``shown`` names the file in errors."""
+                    allow: set[str], shown: str = "preferences.jsonl",
+                    reviewed: ReviewState | None = None) -> PreferenceRows:
+    """The DPO rows of ``prefs`` (see the module's docstring); ``shown`` names the file in errors. A pair a person
+    agreed with or flipped is certain (label 1.0, no cut); one they tied or rejected is left out
+    (:mod:`cai.review.apply`)."""
     by_id = {r.id: r for r in records}
     out = PreferenceRows(prefs, mode, min_confidence)
     skip: Counter[str] = Counter()
     for pref in prefs:
         _checked(pref, shown)
+        decision, why = reviewed.pair(pref) if reviewed is not None else (None, None)
+        if why:
+            skip[why] += 1
+            continue
         conf, first = pref.confidence, pref.chosen_index
         if conf is None or first is None or pref.status == "unlabelled":
             skip["unlabelled"] += 1
             continue
         out.labelled.append(conf)
-        if conf < min_confidence:
+        if decision is not None:           # a person decided: certain, and the cut (on the AI's confidence) is moot
+            first, conf = (1 - first if decision == "flipped" else first), 1.0
+        elif conf < min_confidence:
             skip["below_cut"] += 1
             continue
-        if mode == "hard" and conf == 0.5:
+        elif mode == "hard" and conf == 0.5:
             skip["tie"] += 1
             continue
         chosen, rejected = pref.responses[first], pref.responses[1 - first]
@@ -147,8 +160,9 @@ def preference_rows(prefs: list[Preference], records: list[Record], *, mode: str
             skip["no_pair"] += 1
             continue
         out.kept.append(conf)
-        out.dpo.append({"prompt": [dict(m) for m in pref.messages], "chosen": [_assistant(chosen.text)],
-                        "rejected": [_assistant(rejected.text)], "label": round(conf, 6) if mode == "soft" else 1.0})
+        row = {"prompt": [dict(m) for m in pref.messages], "chosen": [_assistant(chosen.text)],
+               "rejected": [_assistant(rejected.text)], "label": round(conf, 6) if mode == "soft" else 1.0}
+        out.dpo.append({**row, TAG: decision} if decision else row)
     out.excluded = dict(skip)
     if not out.labelled:
         raise DataError(f"{shown}: none of its {len(prefs)} pairs is labelled (every label is null)",
@@ -161,7 +175,10 @@ def preference_rows(prefs: list[Preference], records: list[Record], *, mode: str
         if skip["below_cut"]:
             hints.append(f"The most confident label is {max(out.labelled):.3f}: lower --min-confidence (now "
                          f"{min_confidence}).")
-        if set(skip) - {"unlabelled", "below_cut", "tie", "no_pair"}:
+        if any(k.startswith("review:") for k in skip):
+            hints.append("Pairs people tied or rejected never train; with --require-review only pairs a person "
+                         "agreed with or flipped do (`cai review status RUN`).")
+        if {k for k in skip if not k.startswith("review:")} - {"unlabelled", "below_cut", "tie", "no_pair"}:
             hints.append("Flagged answers never train silently: allow a flag on purpose with --allow-flag FLAG.")
         raise DataError(f"{shown}: none of the {len(out.labelled)} labelled pairs can be used ({reasons})",
                         hint=" ".join(hints) or None)

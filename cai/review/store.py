@@ -24,7 +24,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai.core.errors import RunFolderError, display_path
-from cai.core.files import read_jsonl, repair_tail
 from cai.core.hashing import content_digest
 from cai.core.preference import Preference
 from cai.core.record import Record
@@ -78,16 +77,19 @@ class ReviewStore:
         self._lock = threading.Lock()
 
     def append(self, review: Review) -> Review:
-        """Write one decision (stamped with the time if it has none); returns it as written."""
+        """Write one decision (stamped with the time if it has none), fsynced before it returns; returns it as
+        written. A torn last line left by a crash is cut off first, under the same lock, so the new line never joins
+        it (which would make both unreadable)."""
         review.check()
         if not review.at:
             review = review.model_copy(update={"at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")})
         line = (json.dumps(review.model_dump(mode="json", exclude_none=True), ensure_ascii=False) + "\n").encode()
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "ab") as fh:
+            with open(self.path, "a+b") as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX)
                 try:
+                    _cut_torn_tail(fh)
                     fh.write(line)
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -96,16 +98,55 @@ class ReviewStore:
         return review
 
     def read(self) -> list[Review]:
-        """Every decision, in the order they were made. A torn last line (a crash mid-write) is cut off."""
+        """Every decision, in the order they were made. A torn last line (a crash mid-write) is cut off: under the
+        file lock, so a line another process is writing at this moment is never taken for a torn one."""
         with self._lock:
-            if self.path.exists():
-                repair_tail(self.path)
-            out = []
-            for n, obj in read_jsonl(self.path):
+            if not self.path.exists():
+                return []
+            with open(self.path, "a+b") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
                 try:
-                    out.append(Review.model_validate(obj))
-                except Exception as e:
-                    raise RunFolderError(f"{display_path(self.path)}:{n}: not a review: {str(e).splitlines()[0]}",
-                                         hint="reviews.jsonl is append-only and written by cai; fix or remove "
-                                              "that line by hand.") from None
-            return out
+                    _cut_torn_tail(fh)
+                    fh.seek(0)
+                    data = fh.read()
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+            return parse_lines(data, self.path)
+
+
+def parse_lines(data: bytes, path: Path, first_line: int = 1) -> list[Review]:
+    """The reviews of complete lines of ``reviews.jsonl`` (``data`` ends with a newline, or its last piece is
+    ignored); ``first_line`` numbers the first of them in errors."""
+    out = []
+    for n, raw in enumerate(data.split(b"\n")[:-1], start=first_line):
+        if not raw.strip():
+            continue
+        try:
+            out.append(Review.model_validate_json(raw))
+        except Exception as e:
+            raise RunFolderError(f"{display_path(path)}:{n}: not a review: {str(e).splitlines()[0]}",
+                                 hint="reviews.jsonl is append-only and written by cai; fix or remove "
+                                      "that line by hand.") from None
+    return out
+
+
+def _cut_torn_tail(fh) -> None:
+    """Truncate ``fh`` (open for reading and appending, locked) after its last newline."""
+    size = fh.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    fh.seek(size - 1)
+    if fh.read(1) == b"\n":
+        return
+    pos, keep = size, 0
+    while pos > 0:
+        start = max(0, pos - (1 << 16))
+        fh.seek(start)
+        idx = fh.read(pos - start).rfind(b"\n")
+        if idx != -1:
+            keep = start + idx + 1
+            break
+        pos = start
+    fh.truncate(keep)
+    fh.flush()
+    os.fsync(fh.fileno())

@@ -4,8 +4,8 @@
   learned), the dataset hash, the base model and the SFT adapter's manifest hash. Written when training starts; a
   resume whose identity differs is refused, listing the differences (:func:`diff`).
 - ``manifest.json`` (:func:`manifest`): lineage (base model, constitution, dataset, the AI-feedback labels a DPO
-  adapter trained on, config, metrics, library versions, git commit). Written last, atomically: an adapter folder
-  with a manifest is finished.
+  adapter trained on, what people reviewed of its data, config, metrics, library versions, git commit). Written
+  last, atomically: an adapter folder with a manifest is finished.
 
 Paths in both that point into the run folder are stored relative to it (``data/card.json``,
 ``adapters/sft``), so a moved or archived run folder still reads; manifests of older versions hold absolute paths,
@@ -72,6 +72,7 @@ def manifest(setup: TrainSetup, *, card: dict, base: Any, dtype: str, device: st
         "dataset": {"sha256": card["sha256"], "counts": card["counts"], "files": card["files"],
                     "card": folder.rel(folder.data_dir / "card.json")},
         "labels": labels(setup, card),
+        "review": review(card),
         "config": setup.config_dict(),
         "metrics": jsonable(metrics),
         "steps": steps,
@@ -98,6 +99,22 @@ def labels(setup: TrainSetup, card: dict) -> dict | None:
             "min_confidence": p["min_confidence"], "pairs_used": p["used"],
             "loss": "soft-label sigmoid DPO" if setup.cai.soft_labels else "sigmoid DPO",
             "check": {"file": check["file"], "sha256": check["sha256"]} if check else None}
+
+
+def review(card: dict) -> dict | None:
+    """What people decided about the data an adapter trained on (None when nobody reviewed it): the reviews file
+    and its sha256, the conflict rule, whether only reviewed items trained, per kind of item how many were
+    reviewed, edited, rejected and in conflict, and per kind of row how many came from reviewed items."""
+    r = card.get("review")
+    if not r:
+        return None
+    keep = ("reviewed", "accepted", "edited", "agreed", "flipped", "tie", "rejected", "conflicts", "stale",
+            "unreviewed", "disagreements", "items")
+    return {"reviews": r["file"], "reviews_sha256": r["sha256"], "rule": r["rule"],
+            "require_review": r["require_review"], "reviewers": r["reviewers"],
+            **{kind: {k: v for k, v in r[kind].items() if k in keep} for kind in ("records", "preferences")
+               if kind in r},
+            "rows": r["rows"]}
 
 
 def stored_path(folder: RunFolder, manifest: dict, key: str) -> Path | None:

@@ -35,6 +35,7 @@ def test_the_wheel_carries_the_shipped_files(wheel):
     assert "cai/resources/constitution/default.yaml" in shipped and "cai/resources/prompts/red_team.jsonl" in shipped
     assert shipped <= names, sorted(shipped - names)
     assert "cai/cli/__main__.py" in names and "server/app.py" in names
+    assert {"server/review/templates/record.html", "server/review/static/review.js"} <= names   # the review page
     assert not any(n.startswith("tests/") for n in names)
     # the copies are the files people edit, byte for byte
     z = zipfile.ZipFile(wheel)

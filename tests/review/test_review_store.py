@@ -176,3 +176,14 @@ def test_a_file_that_is_not_an_export_is_a_clear_error(tmp_path):
     with pytest.raises(CaiError) as info:
         import_annotations(bad, ReviewStore(tmp_path / "r.jsonl"), set())
     assert info.value.issues[0].line == 1
+
+
+def test_an_append_after_a_crash_cuts_the_torn_line_first_so_the_new_one_is_readable(tmp_path):
+    path = tmp_path / "reviews.jsonl"
+    store = ReviewStore(path)
+    store.append(review())
+    with open(path, "ab") as fh:
+        fh.write(b'{"target": "r2", "kind": "rec')            # a kill -9 in the middle of a write
+    store.append(review(target="r3"))                          # no read() in between: the server's next decision
+    assert path.read_bytes().count(b"\n") == 2
+    assert [r.target for r in ReviewStore(path).read()] == ["r1", "r3"]

@@ -24,8 +24,16 @@ def _census(app) -> list[tuple[str, str]]:
         if not isinstance(route, Route):
             raise AssertionError(f"route of unknown kind {route!r}: add it to the census")
         for method in sorted(route.methods or {"GET"}):
-            out.append((method, context.path.replace("{name}", "default")))
+            path = context.path
+            for param, value in PATH_VALUES.items():
+                path = path.replace(param, value)
+            assert "{" not in path, f"route {context.path}: add its parameter to PATH_VALUES"
+            out.append((method, path))
     return out
+
+
+# a value of each path parameter that the app serves (the review run "demo" is the fixtures' run folder)
+PATH_VALUES = {"{name}": "default", "{run}": "demo", "{item_id}": "rec00000", "{asset}": "review.js"}
 
 
 def test_every_route_but_health_needs_a_key(app, client):
@@ -34,7 +42,9 @@ def test_every_route_but_health_needs_a_key(app, client):
     census = _census(app)
     paths = {p for _, p in census}
     assert {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/critique", "/v1/revise",
-            "/v1/constitutions", "/v1/constitutions/default", "/openapi.json", "/docs"} <= paths
+            "/v1/constitutions", "/v1/constitutions/default", "/openapi.json", "/docs", "/review", "/review/demo",
+            "/review/demo/items/rec00000", "/review/static/review.js", "/review/session", "/review/api/runs",
+            "/review/api/demo/queue", "/review/api/demo/items/rec00000/decision"} <= paths
     anonymous = TestClient(app)                              # the app is already started by `client`
     for method, path in census:
         r = anonymous.request(method, path, json={} if method == "POST" else None)
@@ -88,6 +98,26 @@ def test_a_crafted_host_header_over_a_real_socket(served):
         while chunk := s.recv(4096):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 401")
+
+
+def test_a_key_line_may_name_its_holder_and_todays_lines_read_as_before(tmp_path, monkeypatch):
+    from cai.core.errors import CaiError
+    from server.security import holder_of, read_api_keys
+
+    f = tmp_path / "k.txt"
+    f.write_text("alice: alice-key-0001\nbob.smith@example.org:\tbob-key-00002\nplain-key-0003\nabc:defghijk\n")
+    monkeypatch.setenv("KEYS", "carol: carol-key-004, env-key-0005")
+    keys = read_api_keys(f, "KEYS")
+    assert keys == {"alice-key-0001": "alice", "bob-key-00002": "bob.smith@example.org", "plain-key-0003": None,
+                    "abc:defghijk": None, "carol-key-004": "carol", "env-key-0005": None}
+    holders = {k: v for k, v in keys.items() if v}
+    assert holder_of("alice-key-0001", holders) == "alice"
+    unnamed = holder_of("plain-key-0003", holders)
+    assert unnamed.startswith("key-") and len(unnamed) == 12 and "plain" not in unnamed
+    for text, match in [("alice: short\n", "at least 8"), ("<b>: some-long-key-1\n", "holder is a name")]:
+        f.write_text(text)
+        with pytest.raises(CaiError, match=match):
+            read_api_keys(f)
 
 
 def test_load_api_keys_and_bad_key_files(tmp_path, monkeypatch):

@@ -123,3 +123,13 @@ def test_cai_serve_refuses_bad_settings_with_exit_2(files, args, message):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cai_serve_review_serves_the_page_beside_the_model(served):
+    """`cai serve --review RUN`: the page at /review with the same keys as the rest, the model still served."""
+    page = httpx.get(served.url + "/review/demo", headers=AUTH, timeout=10)
+    assert page.status_code == 200 and "0 of 3 reviewed" in page.text
+    assert httpx.get(served.url + "/review/demo", timeout=10).status_code == 401
+    item = httpx.get(served.url + "/review/api/demo/items/rec00000", headers=AUTH, timeout=10).json()
+    assert item["kind"] == "record" and len(item["content_sha256"]) == 64
+    assert httpx.get(served.url + "/v1/models", headers=AUTH, timeout=10).status_code == 200
