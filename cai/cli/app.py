@@ -17,6 +17,7 @@ from cai.cli import (
     demo,
     evaluate,
     generate,
+    iterate,
     label,
     merge,
     review,
@@ -33,7 +34,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 # the order of `cai --help`
-COMMANDS = (validate, constitution, generate, demo, label, review, data, train, evaluate, merge, serve)
+COMMANDS = (validate, constitution, generate, demo, label, review, data, train, evaluate, iterate, merge, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,9 @@ class EvalArgs:
     judge_api_key_env: str = option("OPENAI_API_KEY", "openai judge: the environment variable holding its API key "
                                                       "(default: %(default)s)")
     judge_concurrency: int = option(32, "openai judge: requests in flight (default: %(default)s)")
+    compare: str | None = option(None, "iterations: one report across the iterations of a `cai iterate` folder "
+                                       "(RUN/iterations/report.html), from what each iteration's evaluation wrote",
+                                 choices=["iterations"])
 
     def options(self):
         """The library's EvalOptions (it finds a shipped helpful set by name itself; the red-team file is resolved
@@ -74,6 +77,12 @@ def run(ns: argparse.Namespace) -> int:
     from cai.cli.ui import TerminalUi
 
     a = parsed(EvalArgs, ns)
+    if a.compare == "iterations":
+        from cai.loop.report import write_report
+        from cai.loop.state import LoopFolder
+
+        TerminalUi().iterated(a.run, write_report(LoopFolder(a.run)))
+        return 0
     quiet_libraries()
     judge = workflow.JudgeSpec(backend=a.judge_backend, model=a.judge_model, base_urls=a.judge_base_url,
                                api_key_env=a.judge_api_key_env, concurrency=a.judge_concurrency)

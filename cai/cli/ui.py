@@ -43,6 +43,9 @@ class TerminalUi(Ui):
     def checked(self, run: Path, report: dict) -> None:
         print_check(run, report)
 
+    def iterated(self, run: Path, report: dict) -> None:
+        print_iterations(run, report)
+
     def evaluated(self, run: Path, report: dict, seconds: float) -> None:
         out = display_path(run / "eval")
         con = console()
@@ -195,3 +198,11 @@ def print_check(run: Path, r: dict) -> None:
     t.add_row("position bias", _bias(r["position_bias"]))
     t.add_row("report", display_path(run / "label" / "check.json"))
     console().print(t)
+
+
+def print_iterations(run: Path, report: dict) -> None:
+    con = console()
+    con.print(f"[bold]cai iterate → {escape(display_path(run / 'iterations'))}[/]")
+    for line in report["summary"]:
+        con.print(line, markup=False, highlight=False, soft_wrap=True)
+    con.print(f"report: {display_path(run / 'iterations' / 'report.html')}", markup=False)

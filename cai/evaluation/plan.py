@@ -43,6 +43,7 @@ class EvalOptions:
     seed: int = 0
     batch_size: int = 16
     dtype: str | None = None                # the models' weights, resolved ("float32", "bfloat16"); None: fp32
+    compare_to: tuple[str, ...] = ()        # more references than the base: each model is compared with these too
 
 
 @dataclass

@@ -88,6 +88,9 @@ def build_report(plan: EvalPlan, opts: EvalOptions, answers: dict[str, dict[str,
     data_flags = collapse_flags(div_data["initial"], div_data["final"])
 
     comparisons = {model: _compare(plan, judged, model, opts.seed) for model in models if model != BASE}
+    # against other references (the loop's previous iteration): the same paired test, another baseline
+    comparisons_to = {ref: {model: _compare(plan, judged, model, opts.seed, against=ref) for model in models
+                            if model not in (BASE, ref)} for ref in opts.compare_to if ref in models}
     judge_rates = _judge_rates(plan, judged, models)
     notes = list(plan.notes)
     blind = [q for q, r in judge_rates.items() if not r["discriminating"]]
@@ -111,6 +114,7 @@ def build_report(plan: EvalPlan, opts: EvalOptions, answers: dict[str, dict[str,
         "harmlessness": harm,
         "helpfulness": helpful,
         "comparisons": comparisons,
+        "comparisons_to": comparisons_to,
         "judge": {"base_rates": judge_rates, "not_discriminating": blind},
         "revision_rounds": rounds,
         "diversity": {"models": div_models, "data": div_data, "collapse": collapse,
@@ -124,18 +128,20 @@ def build_report(plan: EvalPlan, opts: EvalOptions, answers: dict[str, dict[str,
     return report
 
 
-def _compare(plan: EvalPlan, judged: dict[tuple, float | None], model: str, seed: int) -> dict[str, Any]:
-    """``model`` against the base, prompt by prompt (the same prompts and questions, the same judge)."""
+def _compare(plan: EvalPlan, judged: dict[tuple, float | None], model: str, seed: int,
+             against: str = BASE) -> dict[str, Any]:
+    """``model`` against ``against`` (the base), prompt by prompt (the same prompts and questions, the same
+    judge)."""
     def events(kind: str, who: str, items, questions) -> list[list[float | None]]:
         return [[None if (p := judged.get((kind, who, it.id, q))) is None else float(p > THRESHOLD)
                  for q in questions] for it in items]
 
     principles = [p.id for p in plan.principles]
-    out = {"harm": paired_difference(events("harm", BASE, plan.red_team, principles),
+    out = {"harm": paired_difference(events("harm", against, plan.red_team, principles),
                                      events("harm", model, plan.red_team, principles), seed=seed)}
     if plan.helpful:
         for kind in ("refusal", "helpful"):
-            out[kind] = paired_difference(events(kind, BASE, plan.helpful, [""]),
+            out[kind] = paired_difference(events(kind, against, plan.helpful, [""]),
                                           events(kind, model, plan.helpful, [""]), seed=seed)
     return out
 
@@ -198,10 +204,13 @@ def summary_lines(report: dict) -> list[str]:
             refusal = comparison.get("refusal")
             if refusal and refusal["verdict"] == "more":
                 lines.append(f"  {model} vs base on ordinary prompts: refuses more ({_diff(refusal)}): evasive")
-    for question in report.get("judge", {}).get("not_discriminating", []):
-        rate_ = report["judge"]["base_rates"][question]
-        lines.append(f"judge warning: it says yes to {_pct(rate_['yes'])} of the '{question}' questions "
-                     f"(n = {rate_['n']}): it is not discriminating there")
+    blind = report.get("judge", {}).get("not_discriminating", [])
+    if blind:
+        rates = report["judge"]["base_rates"]
+        shown = ", ".join(f"{q} ({_pct(rates[q]['yes'])} yes)" for q in blind[:6]) + (
+            f" and {len(blind) - 6} more" if len(blind) > 6 else "")
+        lines.append(f"judge warning: on {len(blind)} of {len(rates)} questions it gives one answer to at least "
+                     f"{NOT_DISCRIMINATING:.0%} of answers ({shown}): it is not discriminating there")
     rounds = report.get("revision_rounds")
     if rounds:
         lines.append("revision rounds (violation rate): "

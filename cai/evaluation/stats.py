@@ -259,6 +259,18 @@ def length_stats(texts: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def compression_ratio(texts: Sequence[str]) -> float | None:
+    """Compressed size / raw size of the texts joined (zlib, level 9): samey, repetitive text compresses well, so a
+    lower ratio means less diverse (Shaib et al. 2024 report it beside distinct-n and self-BLEU: they disagree often
+    enough that one alone is not enough). None for no text."""
+    import zlib
+
+    raw = "\n".join(texts).encode("utf-8")
+    if not raw:
+        return None
+    return len(zlib.compress(raw, 9)) / len(raw)
+
+
 def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -270,6 +282,7 @@ def diversity(texts: Sequence[str]) -> dict[str, Any]:
         "distinct_1": _round(distinct_n(texts, 1)),
         "distinct_2": _round(distinct_n(texts, 2)),
         "self_bleu": _round(self_bleu(texts)),
+        "compression_ratio": _round(compression_ratio(texts)),
         "length": length_stats(texts),
     }
 

@@ -122,11 +122,12 @@ class _Prepared:
 
 
 def _prepare(constitution: Constitution, items: list[PromptItem], backend: Backend, out: Path, rounds: int,
-             sampling, batch_size: int, skip_long: bool, supersede_all: bool) -> _Prepared:
+             sampling, batch_size: int, skip_long: bool, supersede_all: bool,
+             critic: Backend | None = None) -> _Prepared:
     """Every check that comes before the folder is touched (read-only)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    gen = Generator(constitution, backend, rounds=rounds, sampling=sampling)
+    gen = Generator(constitution, backend, rounds=rounds, sampling=sampling, critic=critic)
     plans = gen.plan(items)
     long_issues, sizes = gen.context_issues(plans)
     if long_issues and not skip_long:
@@ -184,13 +185,15 @@ def run_generate(*, constitution: Constitution, items: list[PromptItem], backend
                  rounds: int = 1, sampling=None, batch_size: int = 16, skip_long: bool = False,
                  supersede_all: bool = False, progress: Progress | None = None,
                  model_source: str | None = None, constitution_path: str | Path | None = None,
-                 prompts_source: str | None = None) -> Summary:
+                 prompts_source: str | None = None, critic: Backend | None = None) -> Summary:
     """``model_source`` is the model as the user named it (``default``, a folder, a hub id): later commands (``cai
     data build``, ``cai train``) load the same model from it; ``constitution_path`` is kept for the same reason.
-    ``rounds=0`` answers the prompts only (helpfulness data)."""
+    ``rounds=0`` answers the prompts only (helpfulness data). ``critic``: another model that critiques and
+    revises (default: the one that answers)."""
     out = Path(out)
     progress = progress or Progress()
-    prep = _prepare(constitution, items, backend, out, rounds, sampling, batch_size, skip_long, supersede_all)
+    prep = _prepare(constitution, items, backend, out, rounds, sampling, batch_size, skip_long, supersede_all,
+                    critic)
     gen, plans, long_issues, sizes = prep.gen, prep.plans, prep.long_issues, prep.sizes
 
     summary = Summary(planned=len(plans), out=str(out))

@@ -37,7 +37,8 @@ class CaiArgs:
     """cai's own training settings (everything else is TRL's ``ModelConfig`` and ``SFTConfig`` / ``DPOConfig``)."""
 
     sft_adapter: str | None = field(default=None, metadata={
-        "help": "DPO: the SFT adapter to start from and to use as the reference (default: <run>/adapters/sft)"})
+        "help": "DPO: the SFT adapter to start from and to use as the reference (default: <run>/adapters/sft); "
+                "SFT: an adapter to continue training (default: a fresh one)"})
     require_sft_adapter: bool = field(default=True, metadata={
         "help": "DPO: stop when there is no SFT adapter (false: DPO trains a fresh adapter on the base model)"})
     check_eos: bool = field(default=True, metadata={

@@ -29,7 +29,6 @@ before any model is loaded; the manifest's ``labels`` names the preferences (sha
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -45,7 +44,7 @@ from cai.core.files import write_json_atomic
 from cai.data.card import check_files, read_card
 from cai.inference.dtype import training_dtype
 from cai.inference.loading import ResolvedModel
-from cai.inference.merge import ADAPTER_CONFIG, base_source, merge_adapter
+from cai.inference.merge import merge_adapter
 from cai.run import MANIFEST, RunFolder
 from cai.train import manifest as lineage
 from cai.train.config import CHECKPOINTS, TrainSetup, config_help, parse_config
@@ -57,6 +56,7 @@ from cai.train.guards import (
     guarded,
     quiet_library_warnings,
 )
+from cai.train.models import load_model, load_tokenizer, resolve_base, start_adapter
 
 # parse_config, config_help (cai.train.config), merge_adapter (cai.inference.merge) and NonFiniteLoss
 # (cai.train.guards) are importable from here as before the split
@@ -98,7 +98,7 @@ def train(setup: TrainSetup, *, overwrite: bool = False, progress: TrainProgress
     if overwrite and out.exists():
         _move_aside(out, stage, progress)
 
-    sft_dir, sft_sha = _sft_adapter(setup)
+    sft_dir, sft_sha = start_adapter(setup)
     sft_manifest = None
     if sft_dir is not None:
         own = sft_dir.resolve() == folder.adapter_dir("sft").resolve()
@@ -220,74 +220,6 @@ def _move_aside(out: Path, stage: str, progress: TrainProgress) -> None:
         aside = out.with_name(f"{stage}.old-{stamp}-{n}")
     out.rename(aside)
     progress.status(f"moved the previous {stage} folder to {display_path(aside)}")
-
-
-def _sft_adapter(setup: TrainSetup) -> tuple[Path | None, str | None]:
-    """DPO: the finished SFT adapter to start from and the sha256 of its manifest; ``(None, None)`` for SFT, or for
-    DPO on the base model alone (``require_sft_adapter: false``)."""
-    if setup.stage != "dpo":
-        return None, None
-    sft_dir = Path(setup.cai.sft_adapter) if setup.cai.sft_adapter else setup.folder.adapter_dir("sft")
-    if (sft_dir / ADAPTER_CONFIG).exists() and (sft_dir / MANIFEST).exists():
-        return sft_dir, lineage.sha256_file(sft_dir / MANIFEST)
-    if setup.cai.require_sft_adapter:
-        run = display_path(setup.run)
-        raise TrainingError(
-            f"no finished SFT adapter at {display_path(sft_dir)}" +
-            (" (training there did not finish)" if (sft_dir / CHECKPOINTS).exists() else ""),
-            hint=f"Run `cai train sft {run}` first, point sft_adapter at one, or set "
-                 "require_sft_adapter: false to train DPO on the base model alone.")
-    return None, None
-
-
-def resolve_base(setup: TrainSetup, backend: str, model_source: str, sft_manifest: dict | None = None,
-                 sft_dir: Path | None = None) -> ResolvedModel:
-    """The base model: ``model_name_or_path`` if set; for DPO on an SFT adapter, that adapter's base; else the model
-    the run's records were generated with (``model_source``; ``backend`` ``fake`` has none)."""
-    from cai.inference.loading import resolve_model
-
-    asked = setup.model.model_name_or_path
-    if sft_manifest:
-        b = sft_manifest["base_model"]
-        if asked and asked not in (b["id"], b["path"]) and str(Path(asked).resolve()) != b["path"]:
-            raise TrainingError(f"model_name_or_path {asked!r} is not the SFT adapter's base ({b['id']})",
-                                hint="DPO continues the SFT adapter, so it must run on the same base; leave "
-                                     "model_name_or_path unset.")
-        source = base_source(b["path"], b, (sft_dir or setup.folder.adapter_dir("sft")) / ADAPTER_CONFIG)
-        return ResolvedModel(source, b["id"], b.get("revision"))
-    if backend == "fake" and not asked:
-        raise TrainingError(f"{display_path(setup.run)} was generated with the fake backend: there is no model to "
-                            "fine-tune", hint="Pass --model_name_or_path MODEL.")
-    resolved = resolve_model(asked or model_source)
-    if setup.model.model_revision and setup.model.model_revision != "main":
-        resolved = ResolvedModel(resolved.path, resolved.model_id, setup.model.model_revision)
-    return resolved
-
-
-def load_tokenizer(path: str, revision: str | None, chat_template_path: str | None = None):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, revision=revision)
-    if chat_template_path:
-        tok.chat_template = Path(chat_template_path).read_text(encoding="utf-8")
-    return tok
-
-
-def load_model(path: str, revision: str | None, model_args, device: str, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from trl import get_quantization_config
-
-    quant = None
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        m = dataclasses.replace(model_args, dtype=dtype)
-        quant = get_quantization_config(m)
-    if device == "cuda":      # under `accelerate launch`, each process holds its own copy on its own GPU
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, dtype=getattr(torch, dtype), quantization_config=quant,
-        device_map={"": device} if quant is not None else None,
-        attn_implementation=model_args.attn_implementation)
 
 
 def _callback(progress: TrainProgress):
