@@ -291,3 +291,21 @@ def test_is_echo():
     assert not is_echo("Dogs bark at night.", [prompt])
     assert not is_echo("", [prompt])
     assert not is_echo("anything", [""])
+
+
+def test_another_model_can_critique_and_revise_what_the_policy_answers():
+    from cai.backends.fake import FakeBackend
+
+    c = make_constitution(4)
+    policy, critic = FakeBackend("policy"), FakeBackend("teacher")
+    items = items_from(prompt_rows(3))
+    gen = Generator(c, policy, rounds=2, sampling=Sampling(max_new_tokens=16), critic=critic)
+    recs = gen.run_batch(gen.plan(items))
+    assert policy.calls == 1 and critic.calls == 4          # the answers; two critiques and two revisions
+    assert all(r.initial.startswith("Reply") for r in recs)
+    assert recs[0].provenance.model == "policy"
+    assert recs[0].to_json()["provenance"]["critic"] == {"model": "teacher", "revision": None, "backend": "fake"}
+    alone = Generator(c, policy, rounds=2, sampling=Sampling(max_new_tokens=16))
+    assert [p.key for p in alone.plan(items)] != [p.key for p in gen.plan(items)]   # other critic, other records
+    same = Generator(c, policy, rounds=2, sampling=Sampling(max_new_tokens=16), critic=policy)
+    assert [p.key for p in same.plan(items)] == [p.key for p in alone.plan(items)]  # the policy itself: as before
