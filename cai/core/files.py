@@ -40,6 +40,18 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                                       "Remove or fix it by hand.") from None
 
 
+def read_models(path: Path, model: Any, what: str) -> list:
+    """Every line of a JSONL file of this module's writing, validated as the pydantic ``model``; a line that is not
+    one is an error naming the file, the line and ``what`` it should have been."""
+    out = []
+    for n, obj in read_jsonl(path):
+        try:
+            out.append(model.model_validate(obj))
+        except Exception as e:
+            raise RunFolderError(f"{display_path(path)}:{n}: not a valid {what}: {str(e).splitlines()[0]}") from None
+    return out
+
+
 def repair_tail(path: Path) -> int:
     """Cut a torn last line (bytes after the final newline) off the file. Returns the bytes removed."""
     if not path.exists():

@@ -18,8 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from cai.core.errors import RunFolderError, display_path
-from cai.core.files import read_jsonl
+from cai.core.files import read_models
 from cai.core.prompts import Message
 
 Order = Literal["ab", "ba"]          # "ab": responses[0] shown as (A); "ba": responses[0] shown as (B)
@@ -87,13 +86,4 @@ class Preference(BaseModel):
 
 def read_preferences(path: str | Path) -> list[Preference]:
     path = Path(path)
-    if path.is_dir():
-        path = path / "preferences.jsonl"
-    out = []
-    for n, obj in read_jsonl(path):
-        try:
-            out.append(Preference.model_validate(obj))
-        except Exception as e:
-            raise RunFolderError(f"{display_path(path)}:{n}: not a valid preference: "
-                                 f"{str(e).splitlines()[0]}") from None
-    return out
+    return read_models(path / "preferences.jsonl" if path.is_dir() else path, Preference, "preference")

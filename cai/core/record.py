@@ -11,8 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from cai.core.errors import RunFolderError, display_path
-from cai.core.files import read_jsonl
+from cai.core.files import read_models
 from cai.core.prompts import Message
 
 FLAGS = ("empty", "echo", "truncated", "unchanged")
@@ -81,12 +80,4 @@ class Record(BaseModel):
 
 def read_records(path: str | Path) -> list[Record]:
     path = Path(path)
-    if path.is_dir():
-        path = path / "records.jsonl"
-    out = []
-    for n, obj in read_jsonl(path):
-        try:
-            out.append(Record.model_validate(obj))
-        except Exception as e:
-            raise RunFolderError(f"{display_path(path)}:{n}: not a valid record: {str(e).splitlines()[0]}") from None
-    return out
+    return read_models(path / "records.jsonl" if path.is_dir() else path, Record, "record")
