@@ -38,7 +38,8 @@ COMMANDS = (validate, constitution, generate, demo, label, review, data, train, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI: critique→revise data generation.")
+    parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI: critique→revise data, AI-feedback "
+                                                          "labels, human review, QLoRA training, evaluation, serving.")
     parser.add_argument("--version", action="version", version=f"cai {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
