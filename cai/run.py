@@ -207,7 +207,10 @@ class RunFolder:
 
     def write_info(self, info: RunInfo) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_file, info.model_dump(mode="json"))
+        data = info.model_dump(mode="json")
+        if data["dtype"] is None:          # fp32 (or not local): run.json as it was before --dtype existed
+            del data["dtype"]
+        write_json_atomic(self.run_file, data)
         self._info = info
 
     # -- what the run is made of ------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ def iterate(out: Path, settings: LoopSettings, iterations: int, ui: Ui | None = 
     prompts = _split_prompts(folder, settings, iterations)
     folder.write_settings(settings)
     state = folder.read_state()
+    folder.write_state(state)             # from the start: a loop cut in its first stage says so (nothing done)
     rules = RuleState(stalled=state.stalled)
     stop = StopSettings(settings.max_stall, settings.refusal_rise, settings.diversity_floor)
     done = 0
