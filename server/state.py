@@ -12,7 +12,7 @@ from server.admin.metrics import Metrics
 from server.admin.protocol import Health
 from server.admin.serving import ModelListing
 from server.constitutions import ConstitutionRegistry
-from server.critique.pipeline import Pipeline
+from server.critique.pipeline import EngineSource, Pipeline
 from server.critique.serving import CritiqueServing
 from server.errors import Unavailable
 from server.openai.serving import ChatServing
@@ -33,9 +33,9 @@ class Services:
     def build(cls, engine: Any, registry: ConstitutionRegistry, limits: Limits, manifests: dict[str, dict | None],
               on_usage: Callable[[str, int, int], None]) -> Services:
         neutralise = SpecialTokenFilter(engine.tokenizer)
-        pipeline = Pipeline(engine, registry)
+        pipeline = Pipeline(EngineSource(engine), registry)
         return cls(ChatServing(engine, pipeline, neutralise, limits, on_usage),
-                   CritiqueServing(engine, pipeline, neutralise, limits, on_usage),
+                   CritiqueServing(pipeline, neutralise, limits, on_usage),
                    ModelListing(engine, manifests), neutralise)
 
 
