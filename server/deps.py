@@ -9,12 +9,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.admin.serving import ModelListing
 from server.constitutions import ConstitutionRegistry
 from server.critique.serving import CritiqueServing
 from server.errors import Unavailable, UnsupportedMediaType
-from server.openai.serving import ChatServing
-from server.state import ServerState
+from server.state import ChatHandler, ModelLister, ServerState
 
 
 def server_state(request: Request) -> ServerState:
@@ -24,7 +22,7 @@ def server_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(server_state)]
 
 
-def chat_serving(state: State) -> ChatServing:
+def chat_serving(state: State) -> ChatHandler:
     return state.ready().chat
 
 
@@ -32,7 +30,7 @@ def critique_serving(state: State) -> CritiqueServing:
     return state.ready().critique
 
 
-def model_listing(state: State) -> ModelListing:
+def model_listing(state: State) -> ModelLister:
     return state.ready().models
 
 
@@ -41,9 +39,9 @@ def constitution_registry(state: State) -> ConstitutionRegistry:
     return state.registry
 
 
-Chat = Annotated[ChatServing, Depends(chat_serving)]
+Chat = Annotated[ChatHandler, Depends(chat_serving)]
 Critique = Annotated[CritiqueServing, Depends(critique_serving)]
-Models = Annotated[ModelListing, Depends(model_listing)]
+Models = Annotated[ModelLister, Depends(model_listing)]
 Registry = Annotated[ConstitutionRegistry, Depends(constitution_registry)]
 
 

@@ -162,11 +162,17 @@ class OpenAIBackend:
         if not self._verified:
             async with self._first:
                 if not self._verified:
-                    comp = await self._request(self._http(), messages, sampling, seed)
+                    comp = await self._request(self.http_client(), messages, sampling, seed)
                     self._verified = comp.error is None
                     return comp
         async with self._sem:
-            return await self._request(self._http(), messages, sampling, seed)
+            return await self._request(self.http_client(), messages, sampling, seed)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client from the loop it was used on (a backend driven from the caller's own loop)."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
 
     def close(self) -> None:
         if self._loop is None:
@@ -177,7 +183,8 @@ class OpenAIBackend:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop = None
 
-    def _http(self):
+    def http_client(self):
+        """The backend's one HTTP client (made on first use, on the loop that first uses it)."""
         import httpx
 
         if self._client is None:
@@ -194,7 +201,7 @@ class OpenAIBackend:
 
     async def agenerate(self, batch: list[list[Message]], sampling: Sampling, seed: int,
                         extra: dict | None = None) -> list[Completion]:
-        client = self._http()
+        client = self.http_client()
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(i: int, messages: list[Message]) -> Completion:
@@ -241,7 +248,7 @@ class OpenAIBackend:
         Retry-After, at most ``max_retries`` times; endpoints that keep failing go out of rotation. Returns what
         ``send`` returns; raises :class:`UpstreamFailure` once the retries are spent (what ``send`` raises otherwise
         goes through at once)."""
-        client = client if client is not None else self._http()
+        client = client if client is not None else self.http_client()
         reason, last, tried = "no attempt", Retryable("no attempt"), None
         for attempt in range(self.max_retries + 1):
             ep = await self._pick(avoid=tried)

@@ -7,31 +7,16 @@ import socket
 import pytest
 from fixtures.server_fixtures import (
     KEY,
+    route_census,
 )
 
 pytest_plugins = ["fixtures.server_fixtures"]     # files, app, client, served
 
 
-def _census(app) -> list[tuple[str, str]]:
-    """(method, path) of every route the app serves, routers included (FastAPI keeps included routers as one entry
-    of app.routes: iter_route_contexts flattens them). A route of a kind the census cannot call fails the test."""
-    from fastapi.routing import iter_route_contexts
-    from starlette.routing import Route
-
-    out = []
-    for context in iter_route_contexts(app.routes):
-        route = context.original_route
-        if not isinstance(route, Route):
-            raise AssertionError(f"route of unknown kind {route!r}: add it to the census")
-        for method in sorted(route.methods or {"GET"}):
-            out.append((method, context.path.replace("{name}", "default")))
-    return out
-
-
 def test_every_route_but_health_needs_a_key(app, client):
     from starlette.testclient import TestClient
 
-    census = _census(app)
+    census = route_census(app)
     paths = {p for _, p in census}
     assert {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/critique", "/v1/revise",
             "/v1/constitutions", "/v1/constitutions/default", "/openapi.json", "/docs"} <= paths
