@@ -82,8 +82,9 @@ class Upstream:
         self._probed_at = 0.0
 
     def start(self) -> None:
-        """Bind to the running loop (the app's); the HTTP client is made on first use."""
+        """Bind to the running loop (the app's) and make the HTTP client there: its connections belong to it."""
         self.loop = asyncio.get_running_loop()
+        self.client.http_client()
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -175,7 +176,10 @@ class Upstream:
 
     async def health(self) -> list[UpstreamHealth]:
         """Whether each upstream answers ``GET /models`` now (asked at most every PROBE_EVERY_S: concurrent and
-        later calls share one probe), with its place in the rotation."""
+        later calls share one probe), with its place in the rotation. Asked from another loop than the app's (a
+        test client without a lifespan), the probe still runs on the app's, where the HTTP client lives."""
+        if self.loop is not None and asyncio.get_running_loop() is not self.loop:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.health(), self.loop))
         if self._probe is None or (self._probe.done() and time.monotonic() - self._probed_at > PROBE_EVERY_S):
             self._probed_at = time.monotonic()
             self._probe = asyncio.ensure_future(asyncio.gather(*(self._ask(ep) for ep in self.endpoints)))
