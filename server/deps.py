@@ -15,26 +15,26 @@ from server.errors import Unavailable, UnsupportedMediaType
 from server.state import ChatHandler, ModelLister, ServerState
 
 
-def server_state(request: Request) -> ServerState:
+async def server_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
 State = Annotated[ServerState, Depends(server_state)]
 
 
-def chat_serving(state: State) -> ChatHandler:
+async def chat_serving(state: State) -> ChatHandler:
     return state.ready().chat
 
 
-def critique_serving(state: State) -> CritiqueServing:
+async def critique_serving(state: State) -> CritiqueServing:
     return state.ready().critique
 
 
-def model_listing(state: State) -> ModelLister:
+async def model_listing(state: State) -> ModelLister:
     return state.ready().models
 
 
-def constitution_registry(state: State) -> ConstitutionRegistry:
+async def constitution_registry(state: State) -> ConstitutionRegistry:
     assert state.registry is not None          # set by the lifespan before the first request
     return state.registry
 
