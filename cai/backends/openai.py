@@ -30,14 +30,16 @@ import os
 import random
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cai.backends.base import Completion, Sampling
 from cai.core.errors import CaiError
 from cai.core.prompts import Message
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RETRY_STATUS = {408, 409, 429}
 # answers that say the server (not the request) is unavailable: these, connection errors and timeouts count towards
@@ -236,25 +238,25 @@ class OpenAIBackend:
         """One chat completion with retries, on the running loop. Raises :class:`UpstreamFailure` when it fails for
         good (and AuthError, EndpointError at once)."""
         body = request_body(self.model, messages, sampling, seed, extra)
+        http = client if client is not None else self.http_client()
 
-        async def send(http, ep: Endpoint) -> Completion:
+        async def send(ep: Endpoint) -> Completion:
             return completion_of(await self.post_json(http, ep, body))
 
-        return await self.call(send, client=client)
+        return await self.call(send)
 
-    async def call(self, send, *, client=None):
-        """``await send(client, endpoint)`` on an endpoint chosen by least outstanding requests, again (on another
-        endpoint where one is in rotation) while it raises :class:`Retryable`, with backoff and jitter honouring
-        Retry-After, at most ``max_retries`` times; endpoints that keep failing go out of rotation. Returns what
-        ``send`` returns; raises :class:`UpstreamFailure` once the retries are spent (what ``send`` raises otherwise
-        goes through at once)."""
-        client = client if client is not None else self.http_client()
+    async def call(self, send: Callable[[Endpoint], Awaitable[T]]) -> T:
+        """``await send(endpoint)`` on an endpoint chosen by least outstanding requests, again (on another endpoint
+        where one is in rotation) while it raises :class:`Retryable`, with backoff and jitter honouring Retry-After,
+        at most ``max_retries`` times; endpoints that keep failing go out of rotation. Returns what ``send``
+        returns; raises :class:`UpstreamFailure` once the retries are spent (what ``send`` raises otherwise goes
+        through at once). ``send`` is any exchange with the endpoint, over any HTTP client."""
         reason, last, tried = "no attempt", Retryable("no attempt"), None
         for attempt in range(self.max_retries + 1):
             ep = await self._pick(avoid=tried)
             ep.outstanding += 1
             try:
-                result = await send(client, ep)
+                result = await send(ep)
             except Retryable as e:
                 reason, last, tried = f"{ep.url}: {e.reason}", e, ep
                 ep.errors += 1

@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 from pydantic import ValidationError
 
 from cai.backends.openai import BAD_RESPONSE, TIMEOUT, UNREACHABLE, Endpoint, OpenAIBackend, Retryable
 from server.errors import UpstreamError
+from server.gateway.http import BrokenConnection, Pool, Response
 from server.gateway.protocol import UpstreamChunk
 
 DONE = "[DONE]"
@@ -49,10 +49,10 @@ def parse_event(data: str) -> UpstreamChunk | None:
         raise BadEvent(f"an event that is not a chat completion chunk: {e.errors()[0]['msg']}") from None
 
 
-async def sse_data(response: Any) -> AsyncIterator[str]:
-    """The data of each server-sent event of a response body (its ``data:`` lines joined), as they arrive."""
+async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The data of each server-sent event (its ``data:`` lines joined), as they arrive."""
     data: list[str] = []
-    async for line in response.aiter_lines():
+    async for line in lines:
         if not line:
             if data:
                 yield "\n".join(data)
@@ -65,40 +65,44 @@ async def sse_data(response: Any) -> AsyncIterator[str]:
         yield "\n".join(data)
 
 
-async def open_stream(backend: OpenAIBackend, http: Any, ep: Endpoint, body: dict) -> UpstreamStream:
-    """POST a streamed request to one endpoint and read its first event (the ``send`` of ``backend.call``)."""
-    import httpx
+async def open_stream(backend: OpenAIBackend, pool: Pool, ep: Endpoint, body: dict,
+                      timeout: float) -> UpstreamStream:
+    """POST a streamed request to one endpoint and read its first event within ``timeout`` (the ``send`` of
+    ``backend.call``)."""
+    payload = json.dumps(body).encode()
+    response: Response | None = None
 
-    timeout = backend.timeout
-    response = None
-    try:
-        request = http.build_request("POST", f"{ep.url}/chat/completions", json=body)
-        response = await asyncio.wait_for(http.send(request, stream=True), timeout)
-        status = response.status_code
-        ctype = response.headers.get("content-type", "")
-        if status >= 300 or not ctype.startswith("text/event-stream"):
-            text = (await asyncio.wait_for(response.aread(), timeout)).decode("utf-8", "replace")
-            backend.check_status(ep, status, response.headers, text)            # raises for a 4xx or 5xx
-            raise Retryable(f"HTTP {status} {ctype or 'without a content type'}, not an event stream: "
+    async def first_event() -> tuple[AsyncIterator[str], UpstreamChunk]:
+        nonlocal response
+        response = r = await pool.request("POST", "/chat/completions", payload, accept="text/event-stream")
+        ctype = r.headers.get("content-type", "")
+        if r.status >= 300 or not ctype.startswith("text/event-stream"):
+            text = (await r.read()).decode("utf-8", "replace")
+            backend.check_status(ep, r.status, r.headers, text)            # raises for a 4xx or 5xx
+            raise Retryable(f"HTTP {r.status} {ctype or 'without a content type'}, not an event stream: "
                             f"{text[:200]!r}", kind=BAD_RESPONSE)
-        events = sse_data(response)
+        events = sse_data(r.lines())
         try:
-            first = parse_event(await asyncio.wait_for(events.__anext__(), timeout))
+            first = parse_event(await events.__anext__())
         except StopAsyncIteration:
             first = None
         except BadEvent as e:
             raise Retryable(str(e), kind=BAD_RESPONSE) from None
         if first is None:
             raise Retryable("the stream ended before its first chunk", kind=BAD_RESPONSE)
+        return events, first
+
+    try:
+        events, first = await asyncio.wait_for(first_event(), timeout)
     except BaseException as e:
         if response is not None:
             await response.aclose()
-        if isinstance(e, (httpx.TimeoutException, asyncio.TimeoutError)):
+        if isinstance(e, asyncio.TimeoutError):
             raise Retryable(f"no first event within {timeout:g}s", endpoint_down=True, kind=TIMEOUT) from None
-        if isinstance(e, httpx.TransportError):
-            raise Retryable(f"connection failed ({type(e).__name__})", endpoint_down=True,
-                            kind=UNREACHABLE) from None
+        if isinstance(e, BrokenConnection):
+            raise Retryable(str(e), endpoint_down=True, kind=UNREACHABLE) from None
         raise
+    assert response is not None
     return UpstreamStream(ep, response, events, first, timeout)
 
 
@@ -107,7 +111,7 @@ class UpstreamStream:
     the iteration) closes the connection. Counts as an outstanding request of its endpoint while open, so the
     least-outstanding choice sees streams too."""
 
-    def __init__(self, ep: Endpoint, response: Any, events: AsyncIterator[str], first: UpstreamChunk,
+    def __init__(self, ep: Endpoint, response: Response, events: AsyncIterator[str], first: UpstreamChunk,
                  timeout: float):
         self.ep, self._response, self._events, self._first, self._timeout = ep, response, events, first, timeout
         self._open = True
@@ -128,19 +132,25 @@ class UpstreamStream:
             await self.aclose()
 
     async def _next(self, finished: bool) -> UpstreamChunk | None:
-        import httpx
-
+        # a stream quiet for the timeout has its connection cut by a timer (cheaper than a wait_for, which makes a
+        # task for every chunk): the read then fails, and the flag says why
+        quiet: list[bool] = []
+        timer = asyncio.get_running_loop().call_later(self._timeout, lambda: (quiet.append(True),
+                                                                              self._response.abort()))
         try:
             data = await self._events.__anext__()
         except StopAsyncIteration:
-            if finished:                  # ended without [DONE] after its last chunk: some servers do
+            if finished and not quiet:    # ended without [DONE] after its last chunk: some servers do
                 return None
+            if quiet:
+                raise UpstreamError(TIMEOUT, f"the upstream's stream went quiet for {self._timeout:g} s") from None
             raise UpstreamError(UNREACHABLE, "the upstream's stream ended before the answer did") from None
-        except httpx.TimeoutException:
-            raise UpstreamError(TIMEOUT, f"the upstream's stream went quiet for {self._timeout:g} s") from None
-        except httpx.TransportError as e:
-            raise UpstreamError(UNREACHABLE, f"the connection to the upstream broke mid-stream "
-                                             f"({type(e).__name__})") from None
+        except BrokenConnection as e:
+            if quiet:
+                raise UpstreamError(TIMEOUT, f"the upstream's stream went quiet for {self._timeout:g} s") from None
+            raise UpstreamError(UNREACHABLE, f"the connection to the upstream broke mid-stream ({e})") from None
+        finally:
+            timer.cancel()
         try:
             return parse_event(data)
         except BadEvent as e:

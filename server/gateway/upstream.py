@@ -3,11 +3,12 @@ serving classes call from the app's event loop.
 
 Every request goes through one :class:`cai.backends.openai.OpenAIBackend`: its endpoints (least outstanding first),
 its retries (backoff with jitter, honouring ``Retry-After``, on another upstream where one is in rotation), its
-cool-down of upstreams that keep failing, its one HTTP client (connections kept alive). Here it runs on the app's
-loop rather than its own thread: passthrough chat completions, streams and the pipeline's stages all share it, so
-balancing sees them all. Each attempt is bounded (``--upstream-timeout``: a whole answer, a stream's first event, a
-stream gone quiet), so is the number of attempts (``--upstream-retries``), and so is the wait while every upstream is
-out of rotation (:data:`WAIT_FOR_UPSTREAM_S`, then 503): nothing hangs.
+cool-down of upstreams that keep failing, its reading of an answer's status. Here it runs on the app's loop rather
+than its own thread, over the gateway's own HTTP client (``server/gateway/http.py``: keep-alive connections to each
+upstream, a tenth of httpx's CPU a request): passthrough chat completions, streams and the pipeline's stages all
+share it, so balancing sees them all. Each attempt is bounded (``--upstream-timeout``: a whole answer, a stream's
+first event, a stream gone quiet), so is the number of attempts (``--upstream-retries``), and so is the wait while
+every upstream is out of rotation (:data:`WAIT_FOR_UPSTREAM_S`, then 503): nothing hangs.
 
 What fails for good becomes :class:`~server.errors.UpstreamError` with the kind of failure (``server/errors.py``
 maps it to 502, 503 or 504). A request the upstream refuses (another 4xx: a prompt over its context, say) is the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -32,18 +34,23 @@ from cai.backends.base import Completion, Sampling
 from cai.backends.openai import (
     BAD_RESPONSE,
     REJECTED,
+    TIMEOUT,
+    UNREACHABLE,
     AuthError,
     Endpoint,
     EndpointError,
     OpenAIBackend,
     Retryable,
     UpstreamFailure,
+    completion_of,
+    request_body,
 )
 from cai.core.prompts import Message
 from server.admin.protocol import UpstreamHealth
 from server.engine import QueueFull
 from server.errors import UpstreamError
 from server.gateway.backend import UpstreamBackend
+from server.gateway.http import BrokenConnection, Pool
 from server.gateway.protocol import UpstreamCompletion
 from server.gateway.stream import UpstreamStream, open_stream
 from server.settings import UpstreamSettings
@@ -77,17 +84,26 @@ class Upstream:
                                     timeout=s.timeout_s, max_retries=s.retries, backoff_base=0.1, backoff_max=2.0,
                                     context_length=s.context_length, wait_for_endpoint=WAIT_FOR_UPSTREAM_S)
         self.max_in_flight = s.concurrency + queue_size   # beyond it: 429, as a full queue
+        key = os.environ.get(s.api_key_env) or None           # never logged or shown
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._pools: dict[str, Pool] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._probe: asyncio.Future | None = None
         self._probed_at = 0.0
 
     def start(self) -> None:
-        """Bind to the running loop (the app's) and make the HTTP client there: its connections belong to it."""
+        """Bind to the running loop (the app's): the connections to the upstreams belong to it."""
         self.loop = asyncio.get_running_loop()
-        self.client.http_client()
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for pool in self._pools.values():
+            pool.close()
+
+    def pool(self, ep: Endpoint) -> Pool:
+        pool = self._pools.get(ep.url)
+        if pool is None:
+            pool = self._pools[ep.url] = Pool(ep.url, self.settings.concurrency, self._headers)
+        return pool
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -120,10 +136,8 @@ class Upstream:
     async def complete(self, body: dict) -> UpstreamCompletion:
         """A whole chat completion (``body`` as the upstream takes it); its choices are checked inside the attempt,
         so an answer with none is retried like any bad answer."""
-        client = self.client
-
-        async def send(http, ep: Endpoint) -> UpstreamCompletion:
-            data = await client.post_json(http, ep, body)
+        async def send(ep: Endpoint) -> UpstreamCompletion:
+            data = await self.post_json(ep, body)
             try:
                 answer = UpstreamCompletion.model_validate(data)
             except ValidationError as e:
@@ -133,22 +147,52 @@ class Upstream:
             return answer
 
         with self.failures():
-            return await client.call(send)
+            return await self.client.call(send)
 
     async def stream(self, body: dict) -> UpstreamStream:
         """A streamed chat completion, opened (its first chunk read); see server/gateway/stream.py."""
-        client = self.client
-
-        async def send(http, ep: Endpoint) -> UpstreamStream:
-            return await open_stream(client, http, ep, {**body, "stream": True})
+        async def send(ep: Endpoint) -> UpstreamStream:
+            return await open_stream(self.client, self.pool(ep), ep, {**body, "stream": True},
+                                     self.settings.timeout_s)
 
         with self.failures():
-            return await client.call(send)
+            return await self.client.call(send)
 
     async def request(self, messages: list[Message], sampling: Sampling, seed: int) -> Completion:
-        """One pipeline stage: the very request ``cai generate --backend openai`` sends for it."""
+        """One pipeline stage: the very request ``cai generate --backend openai`` sends for it (the openai
+        backend's body, its reading of the answer)."""
+        body = request_body(self.model, messages, sampling, seed)
+
+        async def send(ep: Endpoint) -> Completion:
+            return completion_of(await self.post_json(ep, body))
+
         with self.failures():
-            return await self.client.request(messages, sampling, seed)
+            return await self.client.call(send)
+
+    async def post_json(self, ep: Endpoint, body: dict) -> dict:
+        """POST ``body`` to one upstream's chat completions; its whole answer within the timeout, as a JSON object.
+        Raises as the openai backend's ``post_json`` does (Retryable, AuthError, EndpointError, UpstreamFailure)."""
+        timeout = self.settings.timeout_s
+        payload = json.dumps(body).encode()
+
+        async def exchange() -> tuple[int, dict[str, str], bytes]:
+            r = await self.pool(ep).request("POST", "/chat/completions", payload)
+            return r.status, r.headers, await r.read()
+
+        try:
+            status, headers, raw = await asyncio.wait_for(exchange(), timeout)
+        except asyncio.TimeoutError:
+            raise Retryable(f"no answer within {timeout:g}s", endpoint_down=True, kind=TIMEOUT) from None
+        except BrokenConnection as e:
+            raise Retryable(str(e), endpoint_down=True, kind=UNREACHABLE) from None
+        self.client.check_status(ep, status, headers, raw.decode("utf-8", "replace") if status >= 400 else "")
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise Retryable(f"unusable answer body: {raw[:200].decode('utf-8', 'replace')}", kind=BAD_RESPONSE)
+        return data
 
     @contextlib.contextmanager
     def failures(self) -> Iterator[None]:
@@ -192,17 +236,20 @@ class Upstream:
 
     async def _ask(self, ep: Endpoint) -> str | None:
         """None if the upstream answers its model listing, else why not."""
-        import httpx
+        async def ask() -> int:
+            r = await self.pool(ep).request("GET", "/models")
+            await r.read()
+            return r.status
 
         try:
-            r = await asyncio.wait_for(self.client.http_client().get(f"{ep.url}/models"), PROBE_TIMEOUT_S)
-        except (httpx.TimeoutException, asyncio.TimeoutError):
+            status = await asyncio.wait_for(ask(), PROBE_TIMEOUT_S)
+        except asyncio.TimeoutError:
             return f"no answer within {PROBE_TIMEOUT_S:g}s"
-        except httpx.TransportError as e:
-            return f"connection failed ({type(e).__name__})"
-        if r.status_code in (401, 403):
-            return f"HTTP {r.status_code}: it refused the gateway's key (${self.settings.api_key_env})"
-        return None if r.status_code < 400 else f"HTTP {r.status_code}"
+        except BrokenConnection as e:
+            return str(e)
+        if status in (401, 403):
+            return f"HTTP {status}: it refused the gateway's key (${self.settings.api_key_env})"
+        return None if status < 400 else f"HTTP {status}"
 
 
 def _rejected(e: UpstreamFailure) -> UpstreamError:
