@@ -164,17 +164,11 @@ class OpenAIBackend:
         if not self._verified:
             async with self._first:
                 if not self._verified:
-                    comp = await self._request(self.http_client(), messages, sampling, seed)
+                    comp = await self._request(self._http(), messages, sampling, seed)
                     self._verified = comp.error is None
                     return comp
         async with self._sem:
-            return await self._request(self.http_client(), messages, sampling, seed)
-
-    async def aclose(self) -> None:
-        """Close the HTTP client from the loop it was used on (a backend driven from the caller's own loop)."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+            return await self._request(self._http(), messages, sampling, seed)
 
     def close(self) -> None:
         if self._loop is None:
@@ -185,8 +179,7 @@ class OpenAIBackend:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop = None
 
-    def http_client(self):
-        """The backend's one HTTP client (made on first use, on the loop that first uses it)."""
+    def _http(self):
         import httpx
 
         if self._client is None:
@@ -203,7 +196,7 @@ class OpenAIBackend:
 
     async def agenerate(self, batch: list[list[Message]], sampling: Sampling, seed: int,
                         extra: dict | None = None) -> list[Completion]:
-        client = self.http_client()
+        client = self._http()
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(i: int, messages: list[Message]) -> Completion:
@@ -238,7 +231,7 @@ class OpenAIBackend:
         """One chat completion with retries, on the running loop. Raises :class:`UpstreamFailure` when it fails for
         good (and AuthError, EndpointError at once)."""
         body = request_body(self.model, messages, sampling, seed, extra)
-        http = client if client is not None else self.http_client()
+        http = client if client is not None else self._http()
 
         async def send(ep: Endpoint) -> Completion:
             return completion_of(await self.post_json(http, ep, body))
