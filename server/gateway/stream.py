@@ -135,8 +135,12 @@ class UpstreamStream:
         # a stream quiet for the timeout has its connection cut by a timer (cheaper than a wait_for, which makes a
         # task for every chunk): the read then fails, and the flag says why
         quiet: list[bool] = []
-        timer = asyncio.get_running_loop().call_later(self._timeout, lambda: (quiet.append(True),
-                                                                              self._response.abort()))
+
+        def cut() -> None:
+            quiet.append(True)
+            self._response.abort()
+
+        timer = asyncio.get_running_loop().call_later(self._timeout, cut)
         try:
             data = await self._events.__anext__()
         except StopAsyncIteration:
