@@ -149,5 +149,5 @@ def _gateway(a: ServeArgs, ns: argparse.Namespace, limits, keys: list[str], sour
               f"{'API keys required' if keys else 'no API key'}", soft_wrap=True, markup=False)
     settings = Settings(constitutions=tuple(str(s) for s in sources), api_keys=tuple(keys), limits=limits,
                         queue_size=a.queue_size, drain_grace_s=a.drain_grace, upstream=upstream)
-    quiet_libraries()
+    quiet_libraries(heavy=False)      # nothing here imports transformers: start-up stays instant
     return serve(settings, host=a.host, port=a.port, log_level="info" if ns.verbose else "warning")
