@@ -11,19 +11,31 @@ keep-alive timeout) so that the answer never starts, the request is sent once mo
 answer came back, so the upstream did not process it). An answer holds its connection until its body has been read
 (then the connection is reused, unless the upstream said ``Connection: close``) or :meth:`Response.aclose` (then it is
 closed: an upstream that is still sending, a stream, learns that nobody reads it). Cancelling a task mid-request
-closes its connection the same way. Timeouts are the caller's (``asyncio.wait_for``).
+closes its connection the same way. Timeouts are the caller's (:func:`bounded`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 MAX_LINE = 64 * 1024                 # bytes of a status or header line (asyncio's own limit)
 MAX_BODY = 64 * 1024 * 1024          # bytes of an answer read whole
 READ = 64 * 1024
+T = TypeVar("T")
+
+
+async def bounded(work: Coroutine[Any, Any, T], seconds: float) -> T:
+    """``await work``, raising asyncio.TimeoutError after ``seconds`` (``asyncio.timeout`` where Python has it: it
+    runs ``work`` in this task, where ``wait_for`` makes one more task and one more loop turn a request)."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await work
+    return await asyncio.wait_for(work, seconds)
 
 
 class BrokenConnection(ConnectionError):

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from cai.backends.openai import BAD_RESPONSE, TIMEOUT, UNREACHABLE, Endpoint, OpenAIBackend, Retryable
 from server.errors import UpstreamError
-from server.gateway.http import BrokenConnection, Pool, Response
+from server.gateway.http import BrokenConnection, Pool, Response, bounded
 from server.gateway.protocol import UpstreamChunk
 
 DONE = "[DONE]"
@@ -93,7 +93,7 @@ async def open_stream(backend: OpenAIBackend, pool: Pool, ep: Endpoint, body: di
         return events, first
 
     try:
-        events, first = await asyncio.wait_for(first_event(), timeout)
+        events, first = await bounded(first_event(), timeout)
     except BaseException as e:
         if response is not None:
             await response.aclose()

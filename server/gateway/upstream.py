@@ -50,7 +50,7 @@ from server.admin.protocol import UpstreamHealth
 from server.engine import QueueFull
 from server.errors import UpstreamError
 from server.gateway.backend import UpstreamBackend
-from server.gateway.http import BrokenConnection, Pool
+from server.gateway.http import BrokenConnection, Pool, bounded
 from server.gateway.protocol import UpstreamCompletion
 from server.gateway.stream import UpstreamStream, open_stream
 from server.settings import UpstreamSettings
@@ -180,7 +180,7 @@ class Upstream:
             return r.status, r.headers, await r.read()
 
         try:
-            status, headers, raw = await asyncio.wait_for(exchange(), timeout)
+            status, headers, raw = await bounded(exchange(), timeout)
         except asyncio.TimeoutError:
             raise Retryable(f"no answer within {timeout:g}s", endpoint_down=True, kind=TIMEOUT) from None
         except BrokenConnection as e:
@@ -242,7 +242,7 @@ class Upstream:
             return r.status
 
         try:
-            status = await asyncio.wait_for(ask(), PROBE_TIMEOUT_S)
+            status = await bounded(ask(), PROBE_TIMEOUT_S)
         except asyncio.TimeoutError:
             return f"no answer within {PROBE_TIMEOUT_S:g}s"
         except BrokenConnection as e:
