@@ -30,6 +30,7 @@ BENCHES = {
     "serve": ([], ["--requests", "1", "--single", "3"]),
     "hostile_yaml": ([], []),
     "label": ([], ["--pairs", "8"]),
+    "gateway": ([], ["--requests", "4", "--repeats", "2", "--seconds", "4"]),
 }
 RATIO = re.compile(r"^(?P<name>.+?)\s*=\s*(?P<value>[-+0-9.eE]+)\s+\(target\s*(?P<op>>=|<=)\s*(?P<target>[-+0-9.eE]+)")
 
