@@ -187,7 +187,7 @@ class Pipeline:
                        seed: int) -> list[Completion]:
         """One backend call over a batch (row i seeded ``seed + i``), on the loop or in a thread as ``record``."""
         if isinstance(backend, AsyncBackend):
-            return list(await asyncio.gather(*(backend.acomplete(m, sampling, seed + i) for i, m in enumerate(batch))))
+            return await gather_all([backend.acomplete(m, sampling, seed + i) for i, m in enumerate(batch)])
         return await self.in_thread(backend, backend.generate, batch, sampling, seed)
 
     async def in_thread(self, backend: Backend, fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -199,3 +199,16 @@ class Pipeline:
             if cancel is not None:
                 cancel()
             raise
+
+
+async def gather_all(work: list) -> list:
+    """Await every coroutine concurrently; if one fails (or the caller is cancelled), cancel the others rather than
+    leave them running for nobody."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

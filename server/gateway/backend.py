@@ -39,7 +39,9 @@ class UpstreamBackend:
         return await self.upstream.request(messages, sampling, seed)
 
     async def agenerate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
-        return list(await asyncio.gather(*(self.acomplete(m, sampling, seed + i) for i, m in enumerate(batch))))
+        from server.critique.pipeline import gather_all
+
+        return await gather_all([self.acomplete(m, sampling, seed + i) for i, m in enumerate(batch)])
 
     def generate(self, batch: list[list[Message]], sampling: Sampling, seed: int) -> list[Completion]:
         return self.run(self.agenerate(batch, sampling, seed))

@@ -6,13 +6,12 @@ says how it came about."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from cai.backends.base import Completion, Sampling
 from cai.core.prompts import Message
 from cai.core.record import Record
-from server.critique.pipeline import Pipeline, Revision
+from server.critique.pipeline import Pipeline, Revision, gather_all
 from server.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -42,9 +41,8 @@ async def revise_answers(pipeline: Pipeline, model: str, messages: list[Message]
                          samplings: list[Sampling], answers: list[Completion]) -> list[Record]:
     """Each answer (one per choice) through critique→revise, concurrently: one record per choice."""
     item = pipeline.item(messages)
-    return list(await asyncio.gather(*(
-        pipeline.record(pipeline.backend(model), item, revision, sampling, answer)
-        for sampling, answer in zip(samplings, answers))))
+    return await gather_all([pipeline.record(pipeline.backend(model), item, revision, sampling, answer)
+                             for sampling, answer in zip(samplings, answers)])
 
 
 def chat_extension(record: Record) -> ChatExtension:
