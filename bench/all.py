@@ -31,6 +31,7 @@ BENCHES = {
     "hostile_yaml": ([], []),
     "label": ([], ["--pairs", "8"]),
     "review": ([], ["--records", "2000", "--repeats", "3", "--decisions", "15"]),
+    "gateway": ([], ["--requests", "4", "--repeats", "2", "--seconds", "4"]),
 }
 RATIO = re.compile(r"^(?P<name>.+?)\s*=\s*(?P<value>[-+0-9.eE]+)\s+\(target\s*(?P<op>>=|<=)\s*(?P<target>[-+0-9.eE]+)")
 

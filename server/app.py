@@ -14,6 +14,10 @@ A model that fails to load leaves ``/health`` at 503 ``failed`` and calls ``Serv
 stops the process with the error). Shutdown: :attr:`ServerState.draining` is set first (new work and ``/health``
 get 503; see ``server/runner.py`` for SIGTERM), the requests in flight finish, then the engine drains.
 
+Gateway mode (``Settings.upstream``: ``cai serve --upstream URL``): no model is loaded; the lifespan builds the
+upstream (``server/gateway``) and its serving classes at once, ``/health`` says which upstreams answer, and the
+upstream's HTTP client is closed after the requests in flight have finished.
+
 Middleware, outermost first: metrics (counts every request, the refused ones too), the guard (API keys on every
 path but ``/health``; body size cap), then FastAPI. Every exception goes through ``server.errors.handle_error``.
 """
@@ -82,13 +86,28 @@ def create_app(settings: Settings, *, on_fatal: Callable[[BaseException], None] 
                                      on_usage=st.metrics.count_tokens)
         log.info("serving %s on %s (%s)", ", ".join(engine.model_names), engine.device, engine.dtype)
 
+    def start_gateway() -> None:
+        from server.gateway import Upstream
+
+        assert settings.upstream is not None and st.registry is not None
+        upstream = Upstream(settings.upstream, settings.queue_size)
+        upstream.start()
+        st.upstream = upstream
+        st.services = Services.gateway(upstream, st.registry, settings.limits, on_usage=st.metrics.count_tokens)
+        log.info("serving %s through %s", upstream.name, ", ".join(settings.upstream.urls))
+
+    async def nothing() -> None:
+        return None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if settings.constitutions:                  # `cai review` serves none
             st.registry = await asyncio.to_thread(ConstitutionRegistry, list(settings.constitutions))
         if st.review is not None:                   # every run indexed once, before the first request
             await asyncio.to_thread(st.review.load)
-        loading = asyncio.create_task(load())
+        if settings.upstream is not None:
+            start_gateway()
+        loading = asyncio.create_task(load() if settings.upstream is None else nothing())
         watching = asyncio.create_task(watch(st.registry, settings.watch_interval_s)) if st.registry else None
         try:
             yield
@@ -101,6 +120,8 @@ def create_app(settings: Settings, *, on_fatal: Callable[[BaseException], None] 
             await asyncio.shield(loading)           # a model being loaded is waited for, then drained
             if st.engine is not None:
                 await asyncio.to_thread(st.engine.drain, settings.drain_timeout_s)
+            if st.upstream is not None:
+                await st.upstream.aclose()
 
     app = FastAPI(title="cai", version=_version(), lifespan=lifespan, redirect_slashes=False,
                   default_response_class=AsciiJSONResponse,

@@ -9,49 +9,47 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.admin.serving import ModelListing
 from server.constitutions import ConstitutionRegistry
 from server.critique.serving import CritiqueServing
 from server.errors import NotFound, Unavailable, UnsupportedMediaType
-from server.openai.serving import ChatServing
 from server.review.serving import ReviewServing
 from server.security import SESSION_COOKIE, bearer_token, cookie_value, holder_of, matching_key
-from server.state import ServerState
+from server.state import ChatHandler, ModelLister, ServerState
 
 
-def server_state(request: Request) -> ServerState:
+async def server_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
 State = Annotated[ServerState, Depends(server_state)]
 
 
-def chat_serving(state: State) -> ChatServing:
+async def chat_serving(state: State) -> ChatHandler:
     return state.ready().chat
 
 
-def critique_serving(state: State) -> CritiqueServing:
+async def critique_serving(state: State) -> CritiqueServing:
     return state.ready().critique
 
 
-def model_listing(state: State) -> ModelListing:
+async def model_listing(state: State) -> ModelLister:
     return state.ready().models
 
 
-def constitution_registry(state: State) -> ConstitutionRegistry:
+async def constitution_registry(state: State) -> ConstitutionRegistry:
     if state.registry is None:                 # set by the lifespan, unless the server serves no constitution
         raise Unavailable("this server serves no constitution (it was started by `cai review`)")
     return state.registry
 
 
-def review_serving(state: State) -> ReviewServing:
+async def review_serving(state: State) -> ReviewServing:
     if state.review is None:
         raise NotFound("this server shows no run for review (start it with `cai serve --review RUN` or "
                        "`cai review RUN`)", None, "review_not_enabled")
     return state.review
 
 
-def reviewer(request: Request, state: State) -> str | None:
+async def reviewer(request: Request, state: State) -> str | None:
     """Who is asking, by the API key that let them in (the header's, else the review session cookie's): the name
     the key file gives the key, else ``key-`` and its hash's first digits. None on a server with no keys (the
     reviewer names themself)."""
@@ -66,9 +64,9 @@ def reviewer(request: Request, state: State) -> str | None:
     return holder_of(key, state.settings.key_holders) if key else None
 
 
-Chat = Annotated[ChatServing, Depends(chat_serving)]
+Chat = Annotated[ChatHandler, Depends(chat_serving)]
 Critique = Annotated[CritiqueServing, Depends(critique_serving)]
-Models = Annotated[ModelListing, Depends(model_listing)]
+Models = Annotated[ModelLister, Depends(model_listing)]
 Registry = Annotated[ConstitutionRegistry, Depends(constitution_registry)]
 Review = Annotated[ReviewServing, Depends(review_serving)]
 Reviewer = Annotated[str | None, Depends(reviewer)]

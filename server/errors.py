@@ -2,7 +2,8 @@
 status chosen in one place: :func:`error_body`. The rule is that anything the caller got wrong is a 4xx (a schema
 violation, malformed JSON, a wrong content type, an unknown model or principle, a prompt over the context), a busy
 server is 429 with ``Retry-After``, a server that is loading or shutting down is 503, and only the server's own
-failures are 5xx.
+failures are 5xx. In gateway mode an upstream that fails is 502, one that is busy or out of rotation 503 (with
+``Retry-After``), one that does not answer in time 504 (:data:`UPSTREAM_STATUS`).
 
 The serving classes raise the exceptions defined here (or the engine's ``UnknownModel``, ``QueueFull``,
 ``EngineStopped``, cai's ``ContextLengthError``); they know nothing of HTTP statuses.
@@ -68,6 +69,32 @@ class GenerationFailed(RuntimeError):
     problem, not the caller's (5xx)."""
 
 
+class UpstreamError(Exception):
+    """Gateway mode: the upstream engine did not answer usefully. ``kind`` says how (the failure kinds of
+    :mod:`cai.backends.openai`, plus ``auth`` and ``not_found``); :data:`UPSTREAM_STATUS` gives its status. ``code``
+    and ``param``, when set, are the upstream's own (a request it refused)."""
+
+    def __init__(self, kind: str, message: str, retry_after: float | None = None, code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.kind, self.message, self.retry_after, self.code, self.param = kind, message, retry_after, code, param
+
+
+# kind -> (status, code). The caller's request was fine: the upstream failed (502), is busy or out (503, with
+# Retry-After), or did not answer in time (504); only a request the upstream refused (another 4xx) is the caller's.
+UPSTREAM_STATUS: dict[str, tuple[int, str]] = {
+    "unreachable": (502, "upstream_unreachable"),     # connection refused, reset or dropped (after retries)
+    "error": (502, "upstream_error"),                 # a 5xx (after retries)
+    "bad_response": (502, "upstream_bad_response"),   # not JSON, no choices, not an event stream (after retries)
+    "auth": (502, "upstream_auth_failed"),            # the upstream refused the gateway's key
+    "not_found": (502, "upstream_not_found"),         # the upstream does not serve that URL or model
+    "busy": (503, "upstream_busy"),                   # 429 (after retries)
+    "unavailable": (503, "upstream_unavailable"),     # 503 (after retries), or every upstream out of rotation
+    "timeout": (504, "upstream_timeout"),             # no answer within --upstream-timeout (after retries)
+    "rejected": (400, "upstream_rejected"),           # another 4xx: the upstream refused this request
+}
+
+
 class Unavailable(Exception):
     """The server takes no work now: loading the model, failed to load it, or shutting down (503)."""
 
@@ -111,7 +138,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text} for status, text in [
         (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model or constitution"),
         (413, "body too large"), (415, "body is not JSON"), (429, "queue full (see Retry-After)"),
-        (503, "loading or shutting down")]}
+        (502, "gateway mode: the upstream failed"), (503, "loading, shutting down, or the upstream busy or out"),
+        (504, "gateway mode: the upstream did not answer in time")]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,6 +212,12 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
         if exc.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
         return 503, body(exc.message, "server_error", None, "unavailable"), headers
+    if isinstance(exc, UpstreamError):
+        status, code = UPSTREAM_STATUS.get(exc.kind, (502, "upstream_error"))
+        if status == 503:
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after or 1)))
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return status, body(exc.message, kind, exc.param, exc.code or code), headers
     if isinstance(exc, EngineStopped):
         return 503, body(str(exc), "server_error", None, "unavailable"), headers
     if isinstance(exc, ClientDisconnected):
@@ -213,5 +247,5 @@ async def handle_error(request: Any, exc: Exception) -> Response:
 
 
 HANDLED = (RequestValidationError, StarletteHTTPException, InvalidRequest, NotFound, Conflict, UnknownModel,
-           ContextLengthError, QueueFull, EngineStopped, Unavailable, UnsupportedMediaType, ClientDisconnected,
-           GenerationFailed, CaiError, Exception)
+           ContextLengthError, QueueFull, EngineStopped, Unavailable, UpstreamError, UnsupportedMediaType,
+           ClientDisconnected, GenerationFailed, CaiError, Exception)

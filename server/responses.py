@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
-from server.errors import ClientDisconnected, GenerationFailed, error_body
+from server.errors import ClientDisconnected, GenerationFailed, UpstreamError, error_body
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -90,7 +90,7 @@ async def _sse_stream(events: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             yield _sse(event.model_dump(mode="json"))
-    except GenerationFailed as e:            # the status line is sent already: the error goes in the stream
+    except (GenerationFailed, UpstreamError) as e:   # the status line is sent already: the error goes in the stream
         yield _sse(error_body(e)[1])
     finally:
         with contextlib.suppress(Exception):

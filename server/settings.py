@@ -1,4 +1,5 @@
-"""What a server is started with (:class:`Settings`), and the checks that can be made before any model is loaded.
+"""What a server is started with (:class:`Settings`; in gateway mode its :class:`UpstreamSettings`), and the checks
+that can be made before any model is loaded.
 
 ``cai serve`` builds a Settings from its flags and calls :func:`check_settings` first, so a wrong adapter folder, an
 adapter trained on another base model, a bad constitution or key file ends in one clear message (exit 2) before the
@@ -36,6 +37,40 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class UpstreamSettings:
+    """Gateway mode (``cai serve --upstream URL ...``): generation is done by OpenAI-compatible engines (vLLM, TGI,
+    SGLang, llama.cpp, Ollama, another ``cai serve``) through :class:`cai.backends.openai.OpenAIBackend`'s
+    retries, balancing and cool-down; no model is loaded here."""
+
+    urls: tuple[str, ...]                 # each like http://10.0.0.5:8000/v1 (what ends in /chat/completions)
+    model: str                            # the name the upstreams serve the model under
+    served_name: str | None = None        # the name clients ask for (default: the upstream's)
+    api_key_env: str = "CAI_UPSTREAM_API_KEY"   # the environment variable holding the key the upstreams take
+    timeout_s: float = 60.0               # per attempt: a whole answer, a stream's first event, a stream gone quiet
+    retries: int = 2                      # further attempts of a request that failed (another upstream if any)
+    concurrency: int = 64                 # requests in flight to the upstreams, over all of them
+    context_length: int | None = None     # the upstream model's context, if known (for the pipeline's checks)
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise CaiError("gateway mode needs at least one --upstream URL")
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise CaiError(f"--upstream {url!r}: give an http:// or https:// URL, e.g. http://10.0.0.5:8000/v1")
+        if not self.model:
+            raise CaiError("gateway mode needs --upstream-model: the model name the upstreams serve")
+        if self.timeout_s <= 0 or self.retries < 0 or self.concurrency < 1:
+            raise CaiError("--upstream-timeout must be positive, --upstream-retries at least 0 and "
+                           "--upstream-concurrency at least 1")
+        if self.context_length is not None and self.context_length < 1:
+            raise CaiError(f"--context-length must be at least 1, got {self.context_length}")
+
+    @property
+    def name(self) -> str:
+        return self.served_name or self.model
+
+
+@dataclass(frozen=True)
 class Settings:
     model: str | None = "default"            # None: no model at all (``cai review``: the review page only)
     adapters: dict[str, str] = field(default_factory=dict)       # name -> folder
@@ -53,6 +88,7 @@ class Settings:
     watch_interval_s: float = 1.0                                 # how often constitution files are re-stat'ed
     drain_grace_s: float = 0.0     # after SIGTERM: seconds of 503s (load balancers notice) before the listener closes
     drain_timeout_s: float = 300.0  # in-flight requests still running this long after shutdown began are cancelled
+    upstream: UpstreamSettings | None = None   # gateway mode: no model here, generation by these upstreams
 
 
 def parse_adapter(spec: str, flag: str = "--adapter") -> tuple[str, str]:

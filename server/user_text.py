@@ -14,6 +14,13 @@ from server.openai.protocol import ChatMessage
 
 ZWSP = "\u200b"   # zero-width space: breaks a special-token string without a visible change
 
+# Gateway mode has no tokenizer to ask: these are the turn markers of the common chat templates (ChatML: Qwen, SmolLM,
+# Phi; Llama 2 and 3; Mistral; Gemma; Phi-3; Zephyr), neutralised in user text all the same
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|endoftext|>", "<|begin_of_text|>", "<|end_of_text|>",
+                "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>",
+                "[INST]", "[/INST]", "<s>", "</s>", "<start_of_turn>", "<end_of_turn>", "<|user|>", "<|assistant|>",
+                "<|system|>", "<|end|>")
+
 
 class SpecialTokenFilter:
     """Neutralises special-token strings in user text: a zero-width space goes after the first character of every
@@ -38,3 +45,12 @@ class SpecialTokenFilter:
     def messages(self, messages: list[ChatMessage]) -> list[Message]:
         """A request's messages as the chat template takes them, every content neutralised."""
         return [{"role": m.role, "content": self(m.text)} for m in messages]
+
+
+class _Markers:
+    all_special_tokens = list(CHAT_MARKERS)
+
+
+def marker_filter() -> SpecialTokenFilter:
+    """The filter of gateway mode: :data:`CHAT_MARKERS`, as no tokenizer is loaded."""
+    return SpecialTokenFilter(_Markers())

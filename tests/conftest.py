@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Helper modules that test files import by name (tests/<dir>/ is on sys.path): pytest rewrites their asserts too.
 pytest.register_assert_rewrite("train_fixtures", "data_fixtures", "fixtures.server_fixtures",
                                "fixtures.engine_fixtures", "fixtures.review_fixtures",
-                               "fixtures.browser", "review_app")
+                               "fixtures.browser", "review_app", "fixtures.gateway_fixtures")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

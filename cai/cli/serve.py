@@ -1,5 +1,6 @@
-"""``cai serve``: the model and its adapters, OpenAI-compatible, beside the critique pipeline. The server package
-is imported here only: the library never imports it."""
+"""``cai serve``: the model and its adapters, OpenAI-compatible, beside the critique pipeline; or, with ``--upstream``,
+the same service in front of OpenAI-compatible engines (gateway mode: no model loaded here). The server package is
+imported here only: the library never imports it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 from cai.cli.options import add_options, option, parsed
 from cai.inference.loading import DTYPES
 
-HELP = "serve the model and its adapters (OpenAI-compatible) beside the critique pipeline"
+HELP = ("serve the model and its adapters (OpenAI-compatible) beside the critique pipeline, or front an inference "
+        "fleet (--upstream)")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -44,6 +46,24 @@ class ServeArgs:
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
     dtype: str = option("auto", "weights' dtype (auto: bfloat16 on a GPU or CPU with bf16 in hardware, AVX512-BF16 "
                                 "or AMX, else float32; default: %(default)s)", choices=DTYPES)
+    upstream: list[str] = option([], "gateway mode: an OpenAI-compatible engine (vLLM, TGI, SGLang, llama.cpp, "
+                                     "Ollama, cai serve) that does the generation, e.g. http://10.0.0.5:8000/v1; "
+                                     "repeatable (balanced, failing ones cooled down); no model is loaded here",
+                                 metavar="URL")
+    upstream_model: str | None = option(None, "gateway mode: the model name the upstreams serve (required)",
+                                        metavar="NAME")
+    served_model_name: str | None = option(None, "gateway mode: the name clients ask for (default: the upstream's)",
+                                           metavar="NAME")
+    upstream_api_key_env: str = option("CAI_UPSTREAM_API_KEY", "gateway mode: environment variable with the key the "
+                                                               "upstreams take, if any (default: %(default)s)")
+    upstream_timeout: float = option(60.0, "gateway mode: seconds an attempt may take (a whole answer, a stream's "
+                                           "first event, a stream gone quiet) (default: %(default)s)")
+    upstream_retries: int = option(2, "gateway mode: further attempts of a failed request, on another upstream "
+                                      "where one is up (default: %(default)s)")
+    upstream_concurrency: int = option(64, "gateway mode: requests in flight to the upstreams; --queue-size more "
+                                           "may wait, beyond that 429 (default: %(default)s)")
+    context_length: int | None = option(None, "gateway mode: the upstream model's context in tokens, for the "
+                                              "pipeline's up-front checks (estimated at 4 characters a token)")
 
 
 def constitution_sources(given: list[str]) -> list[str | Path]:
@@ -95,13 +115,15 @@ def run(ns: argparse.Namespace) -> int:
         _open(folder)
     sources = constitution_sources(a.constitution)
     registry = ConstitutionRegistry(sources)
+    if not keys and a.host not in LOCAL_HOSTS:
+        err.print(f"[yellow]warning[/]: serving on {a.host} with no API key: anyone who can reach it can use it")
+    if a.upstream or a.upstream_model:
+        return _gateway(a, ns, limits, keys, sources, registry, reviews)
     adapters = adapter_map(a.adapter)
     with err.status(f"resolving model {a.model} ..."):
         model_id = resolve_model(a.model).model_id
     for name, folder in adapters.items():
         check_adapter(name, folder, model_id)
-    if not keys and a.host not in LOCAL_HOSTS:
-        err.print(f"[yellow]warning[/]: serving on {a.host} with no API key: anyone who can reach it can use it")
     err.print(f"constitutions: {', '.join(registry.names())}; models: base ({model_id})"
               + "".join(f", {n}" for n in adapters) + f"; {'API keys required' if keys else 'no API key'}"
               + (f"; review page at /review ({', '.join(reviews)})" if reviews else ""),
@@ -111,4 +133,36 @@ def run(ns: argparse.Namespace) -> int:
                         review_runs=reviews, review_rule=a.review_rule, limits=limits, device=a.device,
                         dtype=a.dtype, max_batch=a.max_batch, queue_size=a.queue_size, drain_grace_s=a.drain_grace)
     quiet_libraries()
+    return serve(settings, host=a.host, port=a.port, log_level="info" if ns.verbose else "warning")
+
+
+def _gateway(a: ServeArgs, ns: argparse.Namespace, limits, keys: dict[str, str | None], sources, registry,
+             reviews: dict) -> int:
+    """Gateway mode: check the upstream settings (nothing to load), then serve."""
+    from cai.cli.console import console, quiet_libraries
+    from cai.core.errors import CaiError
+    from server.runner import serve
+    from server.settings import Settings, UpstreamSettings
+
+    err = console(stderr=True)
+    local = [flag for flag, given in [("--model", a.model != "default"), ("--adapter", bool(a.adapter)),
+                                      ("--device", a.device is not None), ("--dtype", a.dtype != "auto")] if given]
+    if local:
+        raise CaiError(f"{', '.join(local)} cannot go with --upstream: in gateway mode the upstreams serve the model",
+                       hint="Leave them out, or leave out --upstream to serve a model here.")
+    if not a.upstream:
+        raise CaiError("--upstream-model goes with --upstream URL (gateway mode)")
+    upstream = UpstreamSettings(urls=tuple(u.rstrip("/") for u in a.upstream), model=a.upstream_model or "",
+                                served_name=a.served_model_name, api_key_env=a.upstream_api_key_env,
+                                timeout_s=a.upstream_timeout, retries=a.upstream_retries,
+                                concurrency=a.upstream_concurrency, context_length=a.context_length)
+    err.print(f"constitutions: {', '.join(registry.names())}; gateway: {upstream.name} "
+              f"(upstream model {upstream.model}) through {', '.join(upstream.urls)}; "
+              f"{'API keys required' if keys else 'no API key'}"
+              + (f"; review page at /review ({', '.join(reviews)})" if reviews else ""), soft_wrap=True, markup=False)
+    settings = Settings(constitutions=tuple(str(s) for s in sources), api_keys=tuple(keys),
+                        key_holders={k: v for k, v in keys.items() if v}, review_runs=reviews,
+                        review_rule=a.review_rule, limits=limits, queue_size=a.queue_size,
+                        drain_grace_s=a.drain_grace, upstream=upstream)
+    quiet_libraries(heavy=False)      # nothing here imports transformers: start-up stays instant
     return serve(settings, host=a.host, port=a.port, log_level="info" if ns.verbose else "warning")

@@ -227,6 +227,15 @@ class Generator:
         for start in range(0, len(plans), window):
             on_records(self.run_batch(plans[start:start + window], on_stage, on_error, cache))
 
+    async def run_async(self, plans: list[Plan], on_records: Callable[[list[Record]], None], *, window: int,
+                        on_stage: Callable[[StageEvent], None] | None = None,
+                        on_error: Callable[[Plan, str, int, str], None] | None = None,
+                        cache: StageCache | None = None) -> None:
+        """:meth:`run_stream`'s driver for an ``AsyncBackend``, awaited on the caller's own event loop (the backend's
+        ``acomplete`` runs there): what ``cai serve --upstream`` runs, so its records are ``run_stream``'s. Cancelling
+        the awaiting task cancels every request in flight."""
+        await self._stream_async(plans, on_records, window, on_stage, on_error, cache)
+
     async def _stream_async(self, plans, on_records, window, on_stage, on_error, cache) -> None:
         import asyncio
 

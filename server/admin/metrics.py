@@ -79,8 +79,9 @@ class Metrics:
             self.prompt_tokens[model] += prompt
             self.completion_tokens[model] += completion
 
-    def render(self, engine: Any | None) -> str:
-        """The exposition text; ``engine`` (None while loading) gives the live gauges."""
+    def render(self, engine: Any | None, upstream: Any | None = None) -> str:
+        """The exposition text; ``engine`` (None while loading) gives the live gauges, ``upstream`` (gateway mode:
+        a server.gateway.Upstream, and no engine) its upstreams'."""
         out: list[str] = []
 
         def family(name: str, kind: str, help_: str) -> None:
@@ -100,6 +101,9 @@ class Metrics:
             family("cai_completion_tokens_total", "counter", "tokens generated for served requests")
             for model, n in sorted(self.completion_tokens.items()):
                 out.append(f"cai_completion_tokens_total{_labels({'model': model})} {n}")
+        if upstream is not None:
+            out += _upstream_lines(upstream)
+            return "\n".join(out) + "\n"
         family("cai_engine_up", "gauge", "1 when the inference worker runs")
         out.append(f"cai_engine_up {int(engine is not None and engine.running and not engine.error)}")
         if engine is not None:
@@ -118,6 +122,26 @@ class Metrics:
                 h.count += n
             out += h.lines("cai_batch_size", {})
         return "\n".join(out) + "\n"
+
+
+def _upstream_lines(upstream: Any) -> list[str]:
+    """Gateway mode: per upstream (labelled by its URL, a fixed set), whether it is in rotation, its requests in
+    progress, answered, and failed attempts."""
+    from server.gateway.upstream import display_url
+
+    now = time.monotonic()
+    rows = [(display_url(ep.url), ep) for ep in upstream.endpoints]
+    out: list[str] = []
+    for name, kind, help_, value in [
+            ("cai_upstream_in_rotation", "gauge", "1 unless the upstream is cooling down after repeated failures",
+             lambda ep: int(ep.down_until <= now)),
+            ("cai_upstream_outstanding", "gauge", "requests to the upstream in progress (streams included)",
+             lambda ep: ep.outstanding),
+            ("cai_upstream_requests_total", "counter", "requests the upstream answered", lambda ep: ep.served),
+            ("cai_upstream_errors_total", "counter", "attempts to the upstream that failed", lambda ep: ep.errors)]:
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        out += [f"{name}{_labels({'upstream': url})} {value(ep)}" for url, ep in rows]
+    return out
 
 
 class MetricsMiddleware:

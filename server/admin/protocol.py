@@ -11,11 +11,25 @@ from server.wire import Wire
 # Health
 
 
+class UpstreamHealth(Wire):
+    """Gateway mode: one upstream, as ``/health`` shows it."""
+
+    omit_none = ("error",)
+
+    url: str
+    up: bool                         # it answered GET /models just now
+    error: str | None = None         # why not
+    in_rotation: bool                # not cooling down after repeated failures
+    outstanding: int                 # requests to it in progress
+    served: int                      # requests it answered
+    errors: int                      # attempts that failed
+
+
 class Health(Wire):
     """``/health``: ``status`` is ok, loading, failed or draining; the engine's facts come with ok, ``error`` with
-    failed."""
+    failed. In gateway mode: ``upstreams`` (ok while one of them answers)."""
 
-    omit_none = ("error", "models", "device", "dtype", "queue_depth", "in_flight")
+    omit_none = ("error", "models", "device", "dtype", "queue_depth", "in_flight", "upstreams")
 
     status: Literal["ok", "loading", "failed", "draining"]
     error: str | None = None
@@ -24,6 +38,7 @@ class Health(Wire):
     dtype: str | None = None
     queue_depth: int | None = None
     in_flight: int | None = None
+    upstreams: list[UpstreamHealth] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,12 +59,20 @@ class AdapterInfo(Wire):
     manifest: dict[str, Any] | None  # the lineage of its training manifest (None: trained elsewhere)
 
 
+class UpstreamModelInfo(Wire):
+    """Gateway mode: the model the upstreams serve."""
+
+    kind: Literal["upstream"] = "upstream"
+    model: str                       # the upstreams' name for it
+    context_length: int | None       # as given by --context-length (None: unknown here)
+
+
 class ModelCard(Wire):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "cai"
-    cai: BaseModelInfo | AdapterInfo
+    cai: BaseModelInfo | AdapterInfo | UpstreamModelInfo
 
 
 class ModelList(Wire):

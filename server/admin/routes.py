@@ -15,13 +15,14 @@ router = APIRouter()
 
 @router.get("/health", summary="liveness and readiness (open: no API key)", response_model=Health)
 async def health(state: State) -> Response:
-    status, body = state.health()
+    status, body = await state.health()
     return json_response(body, status)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(state: State) -> Response:
-    return PlainTextResponse(state.metrics.render(state.engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(state.metrics.render(state.engine, state.upstream),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/v1/models", dependencies=WORK, responses=ERROR_RESPONSES, response_model=ModelList)

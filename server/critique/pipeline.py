@@ -1,16 +1,21 @@
-"""The critique→revise pipeline over the engine, shared by ``/v1/critique``, ``/v1/revise`` and the chat extension.
+"""The critique→revise pipeline, shared by ``/v1/critique``, ``/v1/revise`` and the chat extension.
 
 One implementation of the stages. Critique and revise prompts always come from :mod:`cai.core.prompts` and run through
-:class:`cai.generate.generator.Generator` over :class:`~server.engine.EngineBackend`, so a record from ``/v1/revise``
-is the record ``cai generate`` would write for the same conversation, constitution, sampling and model (in the same
-dtype: ``cai serve --dtype auto`` is bf16 on a CPU with bf16 in hardware, ``cai generate`` fp32). An answer that
-already exists (the ``response`` of ``/v1/revise``, or the chat answer of the ``constitution`` extension) is handed to
-the Generator through a :class:`~cai.generate.generator.MemoryStageCache` pre-seeded under the respond stage's key: the
-Generator finds its first stage answered and goes on with the rounds, with no second code path.
+:class:`cai.generate.generator.Generator` over the backend of the pipeline's :class:`Source`: the engine's
+(:class:`~server.engine.EngineBackend`), or in gateway mode the upstream's (``server.gateway.backend``, an
+OpenAI-compatible ``AsyncBackend``). Either way the Generator's own driver runs (``run_stream``: lockstep over the
+engine, per record over the upstream), so a record from ``/v1/revise`` is the record ``cai generate`` would write for
+the same conversation, constitution, sampling and model (``--backend local`` in the same dtype: ``cai serve
+--dtype auto`` is bf16 on a CPU with bf16 in hardware, ``cai generate`` fp32; ``--backend openai`` for the gateway).
+An answer that already exists (the ``response`` of ``/v1/revise``, or the chat answer of the ``constitution``
+extension) is handed to the Generator through a :class:`~cai.generate.generator.MemoryStageCache` pre-seeded under
+the respond stage's key: the Generator finds its first stage answered and goes on with the rounds, with no second
+code path.
 
-Blocking work (a Generator run that waits on the engine) runs in a worker thread, never on the event loop. A caller
-that goes away cancels its asyncio task, and the pipeline running in the thread is stopped through
-:meth:`EngineBackend.cancel`.
+Blocking work (a Generator run that waits on the engine) runs in a worker thread, never on the event loop; an
+``AsyncBackend`` (the upstream) is awaited on the loop itself. A caller that goes away cancels its asyncio task, and
+the pipeline running in the thread is stopped through :meth:`EngineBackend.cancel` (the upstream's requests are
+cancelled with the task).
 """
 
 from __future__ import annotations
@@ -18,17 +23,53 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from cai.backends.base import Completion, Sampling
+from cai.backends.base import Backend, Completion, Sampling
 from cai.core.constitution import Constitution
 from cai.core.prompt_files import PromptItem, item_from_row
 from cai.core.prompts import Message, respond_messages
 from cai.core.record import Record
-from cai.generate.generator import Generator, MemoryStageCache, Plan, record_key, stage_key
+from cai.generate.generator import AsyncBackend, Generator, MemoryStageCache, Plan, record_key, stage_key
 from server.constitutions import ConstitutionRegistry
 from server.engine import Engine, EngineBackend, UnknownModel
 from server.errors import ContextTooLong, GenerationFailed, InvalidRequest, NotFound
+
+
+class Source(Protocol):
+    """Where the pipeline's generation happens: the models it has, and a backend over one of them."""
+
+    @property
+    def base_name(self) -> str: ...            # the model a request that names none gets
+
+    @property
+    def model_names(self) -> list[str]: ...
+
+    def check_admission(self) -> None:
+        """Raise what a busy or stopped source would (QueueFull, EngineStopped), before a multi-stage job starts."""
+
+    def backend(self, model: str) -> Backend: ...
+
+
+class EngineSource:
+    """The engine as the pipeline's source: a fresh :class:`EngineBackend` per request (it holds its cancel)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def base_name(self) -> str:
+        return self.engine.base_name
+
+    @property
+    def model_names(self) -> list[str]:
+        return self.engine.model_names
+
+    def check_admission(self) -> None:
+        self.engine.check_admission()
+
+    def backend(self, model: str) -> Backend:
+        return EngineBackend(self.engine, model)
 
 
 @dataclass(frozen=True)
@@ -44,16 +85,16 @@ class Pipeline:
     """What the critique routes and the chat extension share: the checks of a constitution, its principles and a
     conversation against what this server has, and one record's run through the Generator."""
 
-    def __init__(self, engine: Engine, registry: ConstitutionRegistry):
-        self.engine = engine
+    def __init__(self, source: Source, registry: ConstitutionRegistry):
+        self.source = source
         self.registry = registry
 
     # -- checks ------------------------------------------------------------------------------------------------
 
-    def backend(self, model: str) -> EngineBackend:
-        if model not in self.engine.model_names:
-            raise UnknownModel(model, self.engine.model_names)
-        return EngineBackend(self.engine, model)
+    def backend(self, model: str) -> Backend:
+        if model not in self.source.model_names:
+            raise UnknownModel(model, self.source.model_names)
+        return self.source.backend(model)
 
     def constitution(self, name: str | None) -> Constitution:
         """The constitution named, or the only one (or ``default``) when none is named."""
@@ -99,14 +140,14 @@ class Pipeline:
         except ValueError as e:
             raise InvalidRequest(f"for critique and revision, {e}", "messages") from None
 
-    def plan(self, item: PromptItem, revision: Revision, backend: EngineBackend, sampling: Sampling) -> Plan:
+    def plan(self, item: PromptItem, revision: Revision, backend: Backend, sampling: Sampling) -> Plan:
         gen = Generator(revision.constitution, backend, rounds=revision.rounds, sampling=sampling)
         if revision.principles is None:
             return gen.plan([item])[0]
         return Plan(item, revision.principles,
                     record_key(item, revision.constitution, revision.principles, backend, sampling))
 
-    def check_context(self, revision: Revision, backend: EngineBackend, plan: Plan, sampling: Sampling) -> None:
+    def check_context(self, revision: Revision, backend: Backend, plan: Plan, sampling: Sampling) -> None:
         """Refuse a conversation whose stages would not fit the model's context, before any of them runs."""
         gen = Generator(revision.constitution, backend, rounds=revision.rounds, sampling=sampling)
         issues, _ = gen.context_issues([plan])
@@ -116,29 +157,58 @@ class Pipeline:
 
     # -- running -----------------------------------------------------------------------------------------------
 
-    def run(self, backend: EngineBackend, item: PromptItem, revision: Revision, sampling: Sampling,
-            answer: Completion | None) -> Record:
-        """One record through cai.generate.generator.Generator (blocking; in a worker thread). A given ``answer``
-        pre-seeds the stage cache under the respond stage's key, so the Generator takes it as its first stage's
-        output."""
+    async def record(self, backend: Backend, item: PromptItem, revision: Revision, sampling: Sampling,
+                     answer: Completion | None) -> Record:
+        """One record through cai.generate.generator.Generator. A given ``answer`` pre-seeds the stage cache under
+        the respond stage's key, so the Generator takes it as its first stage's output."""
         gen = Generator(revision.constitution, backend, rounds=revision.rounds, sampling=sampling)
         plan = self.plan(item, revision, backend, sampling)
         cache = MemoryStageCache()
         if answer is not None:
             cache.put([(stage_key(backend, sampling, respond_messages(item.messages)), "respond", answer)])
+        records: list[Record] = []
         failures: list[str] = []
-        records = gen.run_batch([plan], on_error=lambda _p, stage, rnd, message: failures.append(
-            f"{stage} (round {rnd}): {message}"), cache=cache)
+
+        def on_error(_plan: Plan, stage: str, rnd: int, message: str) -> None:
+            failures.append(f"{stage} (round {rnd}): {message}")
+
+        if isinstance(backend, AsyncBackend):      # the upstream: on this loop, cancelled with this task
+            await gen.run_async([plan], records.extend, window=1, on_error=on_error, cache=cache)
+        else:                                      # the engine: blocking, in a thread
+            await self.in_thread(backend, gen.run_stream, [plan], records.extend, window=1, on_error=on_error,
+                                 cache=cache)
         if not records:
-            if backend.cancelled:
+            if getattr(backend, "cancelled", False):
                 raise asyncio.CancelledError()
             raise GenerationFailed("; ".join(failures) or "the pipeline produced no record")
         return records[0]
 
-    async def in_thread(self, backend: EngineBackend, fn: Callable, *args: Any) -> Any:
+    async def generate(self, backend: Backend, batch: list[list[Message]], sampling: Sampling,
+                       seed: int) -> list[Completion]:
+        """One backend call over a batch (row i seeded ``seed + i``), on the loop or in a thread as ``record``."""
+        if isinstance(backend, AsyncBackend):
+            return await gather_all([backend.acomplete(m, sampling, seed + i) for i, m in enumerate(batch)])
+        return await self.in_thread(backend, backend.generate, batch, sampling, seed)
+
+    async def in_thread(self, backend: Backend, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """Run blocking pipeline work in a thread; if the caller goes away, stop it through the backend."""
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.to_thread(fn, *args, **kwargs)
         except asyncio.CancelledError:
-            backend.cancel()
+            cancel = getattr(backend, "cancel", None)
+            if cancel is not None:
+                cancel()
             raise
+
+
+async def gather_all(work: list) -> list:
+    """Await every coroutine concurrently; if one fails (or the caller is cancelled), cancel the others rather than
+    leave them running for nobody."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

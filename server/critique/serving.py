@@ -18,7 +18,6 @@ from server.critique.protocol import (
     ReviseRequest,
     SamplingUsed,
 )
-from server.engine import Engine
 from server.errors import GenerationFailed, InvalidRequest
 from server.openai.protocol import Usage
 from server.settings import Limits
@@ -28,9 +27,8 @@ from server.user_text import SpecialTokenFilter
 class CritiqueServing:
     """``on_usage(model, prompt_tokens, completion_tokens)`` is told the usage of every answered request."""
 
-    def __init__(self, engine: Engine, pipeline: Pipeline, neutralise: SpecialTokenFilter, limits: Limits,
+    def __init__(self, pipeline: Pipeline, neutralise: SpecialTokenFilter, limits: Limits,
                  on_usage: Callable[[str, int, int], None]):
-        self.engine = engine
         self.pipeline = pipeline
         self.neutralise = neutralise
         self.limits = limits
@@ -38,19 +36,19 @@ class CritiqueServing:
 
     async def critique(self, req: CritiqueRequest) -> CritiqueResponse:
         """Critique ``response`` against each principle named (or one drawn, as `cai generate` would draw it for
-        this conversation and seed). One batched engine call, with the prompts of
+        this conversation and seed). One batched backend call, with the prompts of
         :func:`cai.core.prompts.critique_messages`."""
         p = self.pipeline
         c = p.constitution(req.constitution)
-        model = req.model or self.engine.base_name
+        model = req.model or p.source.base_name
         backend = p.backend(model)
         item = p.item(self.neutralise.messages(req.messages))
         sampling = self._sampling(req)
         ids = p.principles(c, req.principles) if req.principles else draw_principles(c, item.id, sampling.seed, 1)
         response = self.neutralise(req.response)
         batch = [critique_messages(c, item.messages, response, c.principle(pid)) for pid in ids]
-        self.engine.check_admission()
-        completions = await p.in_thread(backend, backend.generate, batch, sampling, sampling.seed)
+        p.source.check_admission()
+        completions = await p.generate(backend, batch, sampling, sampling.seed)
         critiques = []
         for pid, comp in zip(ids, completions):
             if comp.error is not None:
@@ -70,7 +68,7 @@ class CritiqueServing:
         the initial answer instead of a generated one)."""
         p = self.pipeline
         c = p.constitution(req.constitution)
-        model = req.model or self.engine.base_name
+        model = req.model or p.source.base_name
         backend = p.backend(model)
         revision = p.revision(c.name, req.principles, req.rounds)
         item = p.item(self.neutralise.messages(req.messages))
@@ -80,8 +78,8 @@ class CritiqueServing:
         answer = None
         if req.response is not None:
             answer = Completion(self.neutralise(req.response).strip(), 0, 0, "stop")
-        self.engine.check_admission()
-        record = await p.in_thread(backend, p.run, backend, item, revision, sampling, answer)
+        p.source.check_admission()
+        record = await p.record(backend, item, revision, sampling, answer)
         self.on_usage(model, record.usage["prompt_tokens"], record.usage["completion_tokens"])
         return record
 

@@ -19,10 +19,10 @@ from functools import partial
 
 from cai.backends.base import Completion, Sampling
 from cai.core.prompts import Message
-from cai.core.record import Record
 from server.critique.pipeline import Pipeline, Revision
-from server.engine import Delta, Done, Engine, EngineBackend, Event, GenParams, Handle, Mailbox, UnknownModel
+from server.engine import Delta, Done, Engine, Event, GenParams, Handle, Mailbox, UnknownModel
 from server.errors import ContextTooLong, GenerationFailed, InvalidRequest
+from server.openai.extension import chat_extension, check_revisable, chunks_of, extension_sampling, revise_answers
 from server.openai.logprobs import LogprobFormatter
 from server.openai.protocol import (
     AssistantMessage,
@@ -34,7 +34,6 @@ from server.openai.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
-    ExtensionRound,
     Usage,
 )
 from server.settings import Limits
@@ -85,7 +84,7 @@ class ChatServing:
         With the critique→revise extension the final revision is only known at the end: it comes as one chunk."""
         job = await asyncio.to_thread(self.prepare, req)
         if job.revision is not None:
-            return _chunks_of(job, await self._complete(job))
+            return chunks_of(await self._complete(job), job.include_usage)
         choices = await self._start(job, deltas=True)
         return self._stream(job, choices)
 
@@ -113,11 +112,7 @@ class ChatServing:
         job = ChatJob("chatcmpl-" + secrets.token_hex(12), req.model, messages, params, prompt_ids, revision,
                       include_usage=bool(req.stream_options and req.stream_options.include_usage))
         if revision is not None:       # refuse a conversation the pipeline cannot take before answering it
-            item = self.pipeline.item(messages)
-            backend = EngineBackend(e, req.model)
-            sampling = _extension_sampling(job, 0)
-            self.pipeline.check_context(revision, backend, self.pipeline.plan(item, revision, backend, sampling),
-                                        sampling)
+            check_revisable(self.pipeline, req.model, messages, revision, _extension_sampling(job, 0))
         return job
 
     def _max_tokens(self, requested: int | None, prompt_tokens: int, param: str) -> int:
@@ -182,11 +177,14 @@ class ChatServing:
         extensions: list[ChatExtension | None] = [None] * len(results)
         texts = [d.text for d in results]
         if job.revision is not None:
-            records = await asyncio.gather(*(self._revise_answer(job, i, d) for i, d in enumerate(results)))
+            answers = [Completion(d.text.strip(), d.prompt_tokens, d.completion_tokens, d.finish_reason)
+                       for d in results]
+            records = await revise_answers(self.pipeline, job.model, job.messages, job.revision,
+                                           [_extension_sampling(job, i) for i in range(len(results))], answers)
             usage = Usage.of(sum(r.usage["prompt_tokens"] for r in records),
                              sum(r.usage["completion_tokens"] for r in records))
             texts = [r.final for r in records]
-            extensions = [_extension(r) for r in records]
+            extensions = [chat_extension(r) for r in records]
         self.on_usage(job.model, usage.prompt_tokens, usage.completion_tokens)
         return ChatCompletion(id=job.id, created=job.created, model=job.model, usage=usage, choices=[
             ChatCompletionChoice(index=i, message=AssistantMessage(content=text), logprobs=self.logprobs(done.logprobs),
@@ -219,18 +217,6 @@ class ChatServing:
         self.on_usage(job.model, job.prompt_tokens, completion_tokens)
         if job.include_usage:
             yield job.chunk([], usage=Usage.of(job.prompt_tokens, completion_tokens))
-
-    # -- the extension: critique→revise on each chat answer ----------------------------------------------------
-
-    async def _revise_answer(self, job: ChatJob, index: int, answer: Done) -> Record:
-        assert job.revision is not None
-        backend = EngineBackend(self.engine, job.model)
-        completion = Completion(answer.text.strip(), answer.prompt_tokens, answer.completion_tokens,
-                                answer.finish_reason)
-        p = self.pipeline
-        return await p.in_thread(backend, p.run, backend, p.item(job.messages), job.revision,
-                                 _extension_sampling(job, index), completion)
-
 
 class _Choices:
     """The engine requests of one chat completion (one per choice), their events merged into one asyncio queue as
@@ -279,26 +265,4 @@ def _check_done(done: Done) -> None:
 
 def _extension_sampling(job: ChatJob, index: int) -> Sampling:
     p = job.params[index]
-    return Sampling(temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_tokens,
-                    seed=p.seed if p.seed is not None else 0)
-
-
-def _extension(record: Record) -> ChatExtension:
-    """What a chat choice says of its critique→revise run (the ``cai`` field next to ``message``)."""
-    return ChatExtension(constitution=record.provenance.constitution, principles=[r.principle for r in record.rounds],
-                         initial=record.initial,
-                         rounds=[ExtensionRound(principle=r.principle, critique=r.critique, revision=r.revision,
-                                                flags=r.flags) for r in record.rounds],
-                         flags=record.flags, record_id=record.id)
-
-
-async def _chunks_of(job: ChatJob, result: ChatCompletion) -> AsyncIterator[ChatCompletionChunk]:
-    """A finished chat completion as stream chunks: per choice a role chunk, one content chunk (with the ``cai``
-    field) and a finish chunk; then the usage chunk if asked."""
-    for choice in result.choices:
-        i = choice.index
-        yield job.chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        yield job.chunk([ChunkChoice(index=i, delta=DeltaMessage(content=choice.message.content), cai=choice.cai)])
-        yield job.chunk([ChunkChoice(index=i, delta=DeltaMessage(), finish_reason=choice.finish_reason)])
-    if job.include_usage:
-        yield job.chunk([], usage=result.usage)
+    return extension_sampling(p.max_tokens, p.temperature, p.top_p, p.seed)

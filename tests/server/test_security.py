@@ -7,39 +7,16 @@ import socket
 import pytest
 from fixtures.server_fixtures import (
     KEY,
+    route_census,
 )
 
 pytest_plugins = ["fixtures.server_fixtures"]     # files, app, client, served
 
 
-def _census(app) -> list[tuple[str, str]]:
-    """(method, path) of every route the app serves, routers included (FastAPI keeps included routers as one entry
-    of app.routes: iter_route_contexts flattens them). A route of a kind the census cannot call fails the test."""
-    from fastapi.routing import iter_route_contexts
-    from starlette.routing import Route
-
-    out = []
-    for context in iter_route_contexts(app.routes):
-        route = context.original_route
-        if not isinstance(route, Route):
-            raise AssertionError(f"route of unknown kind {route!r}: add it to the census")
-        for method in sorted(route.methods or {"GET"}):
-            path = context.path
-            for param, value in PATH_VALUES.items():
-                path = path.replace(param, value)
-            assert "{" not in path, f"route {context.path}: add its parameter to PATH_VALUES"
-            out.append((method, path))
-    return out
-
-
-# a value of each path parameter that the app serves (the review run "demo" is the fixtures' run folder)
-PATH_VALUES = {"{name}": "default", "{run}": "demo", "{item_id}": "rec00000", "{asset}": "review.js"}
-
-
 def test_every_route_but_health_needs_a_key(app, client):
     from starlette.testclient import TestClient
 
-    census = _census(app)
+    census = route_census(app)
     paths = {p for _, p in census}
     assert {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/critique", "/v1/revise",
             "/v1/constitutions", "/v1/constitutions/default", "/openapi.json", "/docs", "/review", "/review/demo",

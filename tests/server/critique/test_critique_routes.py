@@ -128,5 +128,5 @@ def test_a_constitution_for_labelling_only_cannot_critique(tmp_path):
     registry = ConstitutionRegistry([tmp_path])
     assert registry.names() == ["rl"]
     with pytest.raises(InvalidRequest) as info:
-        Pipeline(engine=None, registry=registry).constitution("rl")     # type: ignore[arg-type]
+        Pipeline(None, registry=registry).constitution("rl")     # type: ignore[arg-type]
     assert info.value.param == "constitution" and "only preference principles" in str(info.value)
