@@ -160,13 +160,14 @@ def slot_attention(module: Any, query: torch.Tensor, key: Any, value: Any, atten
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     window = kwargs.get("sliding_window")
+    gqa = getattr(module, "num_key_value_groups", 1) > 1      # a plain bool (a shape test is symbolic under compile)
     outs = [_part_attention(part, query[0, :, part.first:part.first + part.tokens], key.buffer, value.buffer,
-                            scaling, window) for part in key.step.parts]
+                            scaling, window, gqa) for part in key.step.parts]
     return (outs[0] if len(outs) == 1 else torch.cat(outs))[None], None
 
 
 def _part_attention(part: Part, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                    scaling: float | None, window: int | None) -> torch.Tensor:
+                    scaling: float | None, window: int | None, gqa: bool) -> torch.Tensor:
     """One part: queries [heads, tokens, head dim] -> [tokens, heads, head dim]."""
     h, _, d = query.shape
     n, w = part.rows, part.width
@@ -181,7 +182,7 @@ def _part_attention(part: Part, query: torch.Tensor, keys: torch.Tensor, values:
         k, v = keys[part.index, :, :part.length], values[part.index, :, :part.length]
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=part.mask(window), scale=scaling, is_causal=part.causal and window is None,
-        enable_gqa=k.shape[1] != h)
+        enable_gqa=gqa)
     out = out.transpose(1, 2).reshape(n * w, h, d)                        # [rows * width, heads, dim]
     return out if part.dest is None else out[part.dest]
 
