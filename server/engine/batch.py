@@ -1,39 +1,33 @@
-"""The running batch and its KV cache: the one owner of the cache's layout.
+"""The running batch: the one owner of the KV cache's layout and of what each forward pass feeds.
 
-Every other part of the engine sees a :class:`Batch` as rows (requests) that each get next-token logits from
-:meth:`Batch.prefill` and :meth:`Batch.step`; how their keys and values are stored is decided here alone. (A
-preallocated cache, chunked prefill or a compiled decode step would replace this module and nothing else.)
+Every other part of the engine sees a :class:`Batch` as rows (requests): :meth:`Batch.add` takes new ones in,
+:meth:`Batch.step` runs one forward pass and returns the rows that got next-token logits, :meth:`Batch.feed` gives
+them their sampled tokens, :meth:`Batch.drop_ended` lets ended rows go. How keys and values are stored is decided
+here and in :mod:`server.engine.slots`, nowhere else.
 
-Layout today: one transformers ``DynamicCache`` for the batch, keys/values [rows, kv heads, cache length, head dim],
-with a mask [rows, cache length] (1 where the row has a real token, 0 for padding), each row's position id [rows]
-(= its real tokens so far, so padding never shifts a position) and the token it feeds next [rows].
+Layout: the engine's :class:`~server.engine.slots.SlotCache`, preallocated, one slot per row: a row's keys/values sit
+at columns 0, 1, 2, ... of its slot (column = position id), so nothing is copied when a row joins or ends.
 
-- Prefill: prompts are left-padded to one width and run in one forward pass (:mod:`cai.inference.batching`). When
-  every prompt starts with the chat template's head (:class:`TemplateHead`: the system prompt and first role marker),
-  the head's keys/values, computed once per model, are copied into each row and only the rest is computed: rows are
-  laid out [head][padding][own tokens].
-- Joining rows (continuous batching): a batch prefilled for newcomers is merged into the running one; both caches are
-  left-padded with zero keys/values (and mask zeros) to one length and concatenated along the batch.
-- Compaction: ended rows are dropped from the batch and the cache at once, and cache columns that no remaining row
-  attends to are trimmed (on the left), so a finished row costs nothing.
+A step (one forward pass) feeds every decoding row its last sampled token and, within a token budget, the next chunk
+of the prompts still in prefill (oldest first): a request that joins a running wave is prefilled inside the decode
+steps, so the running rows wait for a step a little longer, not for a separate prefill. A row whose prompt ends in
+this step's chunk gets logits (its first token) from the same pass. The budget is the engine's (``prefill_chunk``
+while rows decode; more when none does).
 
-Sliding-window and other non-plain cache layers keep their own bookkeeping: a batch over them is neither merged nor
-trimmed (:attr:`Batch.mergeable`). torch and transformers are imported when a batch is built, never at import time.
+The chat template's head (:class:`TemplateHead`: the system prompt and first role marker, which nearly every prompt
+starts with) is computed once per model; a row whose prompt starts with it gets the head's keys/values copied into
+the first columns of its slot and prefills only the rest.
+
+torch and transformers are imported when a batch is built, never at import time.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from cai.inference.batching import left_pad, prefix_cache, repeat_cache
+from cai.inference.batching import prefix_cache
 from server.engine.request import Request
-
-
-def plain_cache(cache: Any) -> bool:
-    """Whether every layer of the cache is a plain full-attention DynamicLayer (keys/values we may pad and trim)."""
-    from transformers.cache_utils import DynamicLayer
-
-    return cache is not None and all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)
 
 
 class TemplateHead:
@@ -45,119 +39,159 @@ class TemplateHead:
         self.config = config
         self.device = device
         self.rows = 0
-        self._caches: dict[str, Any] = {}       # model name -> DynamicCache of the head (batch 1)
+        self._kv: dict[str, tuple[list[Any], list[Any]]] = {}   # model name -> per-layer keys, values [kv, head, d]
 
-    def starts(self, prompts: list[list[int]]) -> bool:
-        """Whether every prompt starts with the head and has a token of its own after it."""
+    def starts(self, prompt: list[int]) -> bool:
+        """Whether the prompt starts with the head and has a token of its own after it."""
         h = len(self.tokens)
-        return bool(h) and all(len(p) > h and tuple(p[:h]) == self.tokens for p in prompts)
+        return bool(h) and len(prompt) > h and tuple(prompt[:h]) == self.tokens
 
-    def cache(self, name: str, model: Any) -> Any:
-        if name not in self._caches:
-            self._caches[name] = prefix_cache(model, self.tokens, config=self.config, device=self.device)
-        return self._caches[name]
+    def kv(self, name: str, model: Any) -> tuple[list[Any], list[Any]]:
+        """Per layer, the head's keys and values [kv heads, head length, head dim] under ``model``."""
+        if name not in self._kv:
+            cache = prefix_cache(model, self.tokens, config=self.config, device=self.device)
+            self._kv[name] = ([layer.keys[0] for layer in cache.layers], [layer.values[0] for layer in cache.layers])
+        return self._kv[name]
 
 
+@dataclass
+class Row:
+    request: Request
+    slot: int
+    pending: list[int]                # prompt tokens not fed yet
+    length: int = 0                   # columns of the slot filled (= tokens fed so far)
+    last: int | None = None           # the token sampled last: what the next step feeds
+
+
+@dataclass
 class Batch:
-    """Rows decoded together and their tensors (all on the model's device). ``model`` is what forward passes go
-    through (the model, or the PEFT model around it with the wave's adapter set)."""
+    """Rows decoded together in the slots of ``cache``. ``model`` is what forward passes go through (the model, or
+    the PEFT model around it with the wave's adapter set)."""
 
-    def __init__(self, model: Any, rows: list[Request], cache: Any, mask: Any, pos: Any):
-        self.model = model
-        self.rows = rows
-        self.cache = cache    # DynamicCache; keys/values [rows, kv heads, cache length, head dim]
-        self.mask = mask      # [rows, cache length] long: 1 where the row has a real token, 0 for padding
-        self.pos = pos        # [rows] long: position id of the token fed next (= real tokens of the row so far)
-        self.last: Any = None  # [rows] long: the token fed next (the last one sampled)
-
-    @classmethod
-    def prefill(cls, model: Any, requests: list[Request], *, config: Any, pad_id: int, device: str,
-                head: TemplateHead | None = None) -> tuple[Batch, Any]:
-        """One forward pass over the left-padded prompts: the batch, and each row's next-token logits [rows, vocab]
-        (float32). The head's cache is reused when every prompt starts with it."""
-        import torch
-        from transformers import DynamicCache
-
-        prompts = [r.prompt_ids for r in requests]
-        h = len(head.tokens) if head is not None and head.starts(prompts) else 0
-        padded = left_pad([p[h:] for p in prompts], pad_id, offset=h, device=device)
-        if h:
-            assert head is not None
-            cache = repeat_cache(head.cache(requests[0].model, model), len(requests))
-            mask = padded.prefix_mask(h)
-            head.rows += len(requests)
-        else:
-            cache, mask = DynamicCache(config=config), padded.mask
-        batch = cls(model, list(requests), cache, mask, torch.tensor([len(p) for p in prompts], device=device))
-        return batch, batch._forward(padded.ids, mask, padded.positions)
-
-    def step(self) -> Any:
-        """One decode step: feed every row its last token; each row's next-token logits [rows, vocab] (float32)."""
-        import torch
-
-        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)   # [rows, cache length + 1]
-        logits = self._forward(self.last[:, None], mask, self.pos[:, None])
-        self.mask = mask
-        self.pos = self.pos + 1
-        return logits
-
-    def feed(self, tokens: list[int]) -> None:
-        """The tokens sampled for every row: what the next step feeds."""
-        import torch
-
-        self.last = torch.tensor(tokens, device=self.pos.device)
-
-    def _forward(self, ids: Any, mask: Any, position_ids: Any) -> Any:
-        """Logits of the last position, [rows, vocab] float32; the cache grows by ids.shape[1] columns."""
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float()
+    model: Any
+    cache: Any                        # server.engine.slots.SlotCache
+    head: TemplateHead | None = None
+    cache_argument: str = "past_key_values"   # how the model's forward names its cache (slots.cache_argument)
+    _rows: list[Row] = field(default_factory=list)
+    passed: int = 0                   # rows in the last forward pass
+    fed: int = 0                      # tokens in the last forward pass
 
     @property
-    def mergeable(self) -> bool:
-        """Whether rows can join this batch (and its cache be trimmed): a plain full-attention cache."""
-        return plain_cache(self.cache)
+    def rows(self) -> list[Request]:
+        return [r.request for r in self._rows]
 
-    def keep(self, keep: list[int]) -> None:
-        """Keep only the rows at these indices (in order): drop the others from the batch and the cache, and trim
-        cache columns (on the left) that no remaining row attends to."""
+    @property
+    def decoding(self) -> int:
+        """Rows past their prefill."""
+        return sum(1 for r in self._rows if not r.pending)
+
+    def add(self, requests: list[Request]) -> None:
+        """Take requests in, each into a free slot; their prompts are fed by the next steps."""
+        used = {r.slot for r in self._rows}
+        free = [s for s in range(self.cache.slots) if s not in used]
+        if len(requests) > len(free):
+            raise ValueError(f"{len(requests)} rows joining, {len(free)} free slots")
+        for request, slot in zip(requests, free):
+            row = Row(request, slot, list(request.prompt_ids))
+            head = self.head
+            if head is not None and head.starts(row.pending):
+                keys, values = head.kv(request.model, self.model)
+                row.length = len(head.tokens)
+                self.cache.grow(row.length + 1)
+                self.cache.write(slot, 0, keys, values)
+                del row.pending[:row.length]
+                head.rows += 1
+            self._rows.append(row)
+
+    def step(self, budget: int) -> tuple[list[Request], Any]:
+        """One forward pass: every decoding row's last token and up to ``budget`` prompt tokens of rows in prefill
+        (oldest first). The rows that got next-token logits, and those logits [rows, vocab] (float32)."""
         import torch
 
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self.rows, self.cache, self.mask, self.pos, self.last = [], None, None, None, None
-            return
-        index = torch.tensor(keep, device=self.pos.device)
-        self.cache.batch_select_indices(index)
-        self.rows = [self.rows[i] for i in keep]
-        self.mask, self.pos, self.last = self.mask[index], self.pos[index], self.last[index]
-        if plain_cache(self.cache):
-            first = int(self.mask.any(dim=0).int().argmax())   # the first column some row attends to
-            if first > 0:
-                for layer in self.cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-                self.mask = self.mask[:, first:]
+        from server.engine.slots import Part, Step
 
-    def merge(self, other: Batch) -> None:
-        """Take ``other``'s rows in after this batch's: caches and masks left-padded to one length (zero keys/values,
-        mask 0) and concatenated along the batch. Positions are per row, so padding changes nothing a row attends to."""
-        import torch
+        decode = sorted((r for r in self._rows if not r.pending), key=lambda r: r.slot)
+        prefill: list[tuple[Row, int]] = []
+        for r in self._rows:
+            if r.pending and budget > 0:
+                prefill.append((r, min(len(r.pending), budget)))
+                budget -= prefill[-1][1]
+        device = self.cache.device
 
-        width = max(self.mask.shape[1], other.mask.shape[1])
+        def long(values: list[int]) -> Any:
+            return torch.tensor(values, dtype=torch.long, device=device)
 
-        def pad(t: Any, dim: int) -> Any:     # left-pad tensor t with zeros to `width` along dim
-            missing = width - t.shape[dim]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
+        ids: list[int] = []
+        columns: list[int] = []
+        slots: list[int] = []
+        parts: list[Part] = []
+        sampled: list[Row] = []
+        keep: list[int] = []
+        if decode:
+            assert all(r.last is not None for r in decode)
+            lo, hi = decode[0].slot, decode[-1].slot
+            start, count = [0] * (hi - lo + 1), [0] * (hi - lo + 1)
+            for r in decode:
+                ids.append(r.last)    # type: ignore[arg-type]
+                columns.append(r.length)
+                slots.append(r.slot)
+                start[r.slot - lo], count[r.slot - lo] = r.length, 1
+            length = max(r.length for r in decode) + 1
+            holes = len(decode) < hi - lo + 1
+            parts.append(Part(first=0, tokens=len(decode), rows=hi - lo + 1, width=1, length=length,
+                              start=long(start), count=long(count), offset=lo, index=None,
+                              dest=long([r.slot - lo for r in decode]) if holes else None,
+                              full=not holes and all(r.length == length - 1 for r in decode)))
+            sampled += decode
+            keep += range(len(decode))
+        if prefill:
+            first, width = len(ids), max(n for _, n in prefill)
+            dest: list[int] = []
+            for b, (r, n) in enumerate(prefill):
+                ids += r.pending[:n]
+                columns += range(r.length, r.length + n)
+                slots += [r.slot] * n
+                dest += range(b * width, b * width + n)
+                if n == len(r.pending):
+                    sampled.append(r)
+                    keep.append(len(ids) - 1)
+            one = len(prefill) == 1
+            parts.append(Part(first=first, tokens=len(ids) - first, rows=len(prefill), width=width,
+                              length=max(r.length + n for r, n in prefill),
+                              start=long([r.length for r, _ in prefill]), count=long([n for _, n in prefill]),
+                              offset=prefill[0][0].slot if one else 0,
+                              index=None if one else long([r.slot for r, _ in prefill]),
+                              dest=None if one else long(dest), causal=one and prefill[0][0].length == 0))
+        self.cache.grow(max(p.length for p in parts))
+        step = Step(slot=long(slots), column=long(columns), parts=parts)
+        logits = self._forward(long(ids)[None], step, long(keep))
+        for r in decode:
+            r.length += 1
+            r.last = None
+        for r, n in prefill:
+            r.length += n
+            del r.pending[:n]
+        self.passed, self.fed = len(decode) + len(prefill), len(ids)
+        return [r.request for r in sampled], logits
 
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)], dim=0)
-            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)], dim=0)
-        self.rows = self.rows + other.rows
-        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)], dim=0)
-        self.pos = torch.cat([self.pos, other.pos])
-        self.last = torch.cat([self.last, other.last])
+    def _forward(self, ids: Any, step: Any, keep: Any) -> Any:
+        """Logits [kept tokens, vocab] float32 of the step's tokens at ``keep``; their keys/values are written."""
+        self.cache.step = step
+        try:
+            # a 4-D mask makes transformers skip building its own; the slots' attention masks per part (slots.py)
+            out = self.model(input_ids=ids, attention_mask=self.cache.no_mask, position_ids=step.column[None],
+                             use_cache=True, logits_to_keep=keep, **{self.cache_argument: self.cache})
+        finally:
+            self.cache.step = None
+        return out.logits[0].float()
+
+    def feed(self, requests: list[Request], tokens: list[int]) -> None:
+        """The tokens sampled for these rows (the ones :meth:`step` returned): what the next step feeds them."""
+        rows = {id(r.request): r for r in self._rows}
+        for request, token in zip(requests, tokens):
+            rows[id(request)].last = token
+
+    def drop_ended(self) -> None:
+        """Let the rows whose request has ended go (their slots are free for rows joining)."""
+        self._rows = [r for r in self._rows if r.request.result is None]
+

@@ -7,8 +7,9 @@ threads at once (the KV cache, the active adapter). So one worker thread does ev
 event back through the request's callback (:mod:`server.engine.delivery`: the one path events take). For asyncio
 that callback posts to a :class:`~server.engine.delivery.Mailbox`: the worker never waits on the loop.
 
-The parts, each in its module: the queue, admission and waves (:mod:`~server.engine.scheduler`); the running batch
-and its KV cache (:mod:`~server.engine.batch`); each row's next token and log-probabilities
+The parts, each in its module: the queue, admission and waves (:mod:`~server.engine.scheduler`); the running batch,
+what each forward pass feeds (decode tokens and prefill chunks, :mod:`~server.engine.batch`) and the preallocated KV
+cache it lives in (:mod:`~server.engine.slots`); each row's next token and log-probabilities
 (:mod:`~server.engine.sampling`); each row's streamed text and stop strings (:mod:`~server.engine.detokenize`); the
 base model and its adapters (:mod:`~server.engine.models`); the cai ``Backend`` over an engine
 (:mod:`~server.engine.backend`). This module holds the public API and the worker loop that joins them.
@@ -36,6 +37,7 @@ from typing import Any
 
 from cai.core.errors import ContextLengthError, Issue
 from cai.core.prompts import Message
+from cai.inference.batching import cache_argument
 from server.engine.batch import Batch, TemplateHead
 from server.engine.delivery import EventStream, Handle, Mailbox
 from server.engine.detokenize import Detokenizer
@@ -54,13 +56,17 @@ class Engine:
     """One inference worker over a base model and any number of LoRA adapters (see the module docstring)."""
 
     MIN_HEAD = 8    # tokens: a shorter template head is not worth a cache
+    MAX_STEP_TOKENS = 2048   # prompt tokens a step takes when no row is decoding (a longer prompt takes several)
+    INITIAL_CAPACITY = 256   # columns per slot of the KV cache at first (it doubles when a row needs more)
 
     def __init__(self, model: str | None = "default", adapters: dict[str, str] | None = None, *,
                  device: str | None = None, max_batch: int = 16, queue_size: int = 64,
                  batch_window_s: float = 0.005, base_name: str = "base", dtype: str | None = None,
-                 continuous: bool = True):
+                 continuous: bool = True, prefill_chunk: int = 64):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
         self.max_batch = max_batch
@@ -68,6 +74,7 @@ class Engine:
         self.batch_window_s = batch_window_s
         self.base_name = base_name
         self.continuous = continuous            # admit waiting requests into a running wave
+        self.prefill_chunk = prefill_chunk      # prompt tokens a decode step takes in (rows joining a running wave)
         served = load_models(model, dict(adapters or {}), device, dtype, base_name)
         base = served.base
         self.tokenizer, self.device = base.tokenizer, base.device
@@ -82,6 +89,11 @@ class Engine:
         self._lm = base.lm                      # the transformers model (its config builds caches)
         self._peft = served.peft                # the PeftModel holding the adapters (None without)
         self._model = served.forward_model      # what forward passes go through
+        from server.engine.slots import use_slot_attention
+
+        use_slot_attention(self._lm, base.model_id)   # attention over the slot cache (slots.py)
+        self._cache_argument = cache_argument(self._lm)
+        self._cache: Any = None                 # the SlotCache, made at the first wave
 
         self._scheduler = Scheduler(max_batch, queue_size, batch_window_s)
         self._thread: threading.Thread | None = None
@@ -313,40 +325,45 @@ class Engine:
 
     def _decode_wave(self, rows: list[Request]) -> None:
         model = rows[0].model
-        batch = self._prefill(list(rows))
+        batch = Batch(self._model, self._slot_cache(), self._head, self._cache_argument)
+        batch.add(rows)
         while batch.rows:
             room = self.max_batch - len(batch.rows)
-            if self.continuous and room > 0 and self._scheduler.waiting and batch.mergeable:
+            if self.continuous and room > 0 and self._scheduler.waiting:
                 joining = self._take(model, room, skip_other_models=False)
                 if joining:
                     rows += joining
-                    newcomers = self._prefill(joining)
-                    if newcomers.rows:
-                        batch.merge(newcomers)
-            self._advance(batch, batch.step())
+                    batch.add(joining)
+            budget = min(self.prefill_chunk, self.MAX_STEP_TOKENS) if batch.decoding else self.MAX_STEP_TOKENS
+            self._advance(batch, *batch.step(budget))
 
-    def _prefill(self, requests: list[Request]) -> Batch:
-        batch, logits = Batch.prefill(self._model, requests, config=self._lm.config, pad_id=self.pad_id,
-                                      device=self.device, head=self._head)
-        self._advance(batch, logits)
-        return batch
+    def _slot_cache(self) -> Any:
+        """The KV cache of every wave: max_batch slots, allocated on first use and kept (see slots.py)."""
+        if self._cache is None:
+            from server.engine.slots import SlotCache
 
-    def _advance(self, batch: Batch, logits: Any) -> None:
-        """Sample a token for every row, stream its text, end the rows that are done (or cancelled) and drop them."""
+            self._cache = SlotCache(self._lm.config, self.max_batch, self.INITIAL_CAPACITY, self._lm.dtype,
+                                    self.device)
+        return self._cache
+
+    def _advance(self, batch: Batch, sampled: list[Request], logits: Any) -> None:
+        """Sample a token for every row that got logits, stream its text, end the rows that are done (or cancelled)
+        and let them go."""
         with self._scheduler.lock:
-            self._batch_sizes[len(batch.rows)] += 1
-        tokens = pick(batch.rows, logits)
-        batch.feed(tokens)
-        record_logprobs(batch.rows, logits, tokens, self._hidden_ids)
-        for request, token in zip(batch.rows, tokens):
-            if request.result is None and not request.cancelled:
-                reason = self._on_token(request, token)
-                if reason is not None:
-                    self._finish(request, reason)
+            self._batch_sizes[batch.passed] += 1
+        if sampled:
+            tokens = pick(sampled, logits)
+            batch.feed(sampled, tokens)
+            record_logprobs(sampled, logits, tokens, self._hidden_ids)
+            for request, token in zip(sampled, tokens):
+                if request.result is None and not request.cancelled:
+                    reason = self._on_token(request, token)
+                    if reason is not None:
+                        self._finish(request, reason)
         for request in batch.rows:
             if request.cancelled and request.result is None:
                 self._finish(request, "cancelled")
-        batch.keep([i for i, r in enumerate(batch.rows) if r.result is None])
+        batch.drop_ended()
 
     def _on_token(self, request: Request, token: int) -> str | None:
         """Take one decoded token of a row: stream what can be shown; the finish reason if the row is done."""
