@@ -214,12 +214,16 @@ def _plot_principles(report: dict) -> str:
 
 def _plot_tradeoff(report: dict) -> str | None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    points = []
     for j, m in enumerate(report["models"]):
         harm = report["harmlessness"][m]["overall"]
         ref = report["helpfulness"][m].get("refusal") or report["helpfulness"][m]["red_team_refusal"]
-        if harm["rate"] is None or ref["rate"] is None:
-            continue
+        if harm["rate"] is not None and ref["rate"] is not None:
+            points.append((j, m, harm, ref))
+    if not points:                  # nothing judged on one of the axes (rules that cover neither)
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for j, m, harm, ref in points:
         ex, ey = _err(ref), _err(harm)
         ax.errorbar([ref["rate"]], [harm["rate"]], xerr=[[ex[0]], [ex[1]]], yerr=[[ey[0]], [ey[1]]], fmt="o",
                     color=COLORS[j % len(COLORS)], label=m, capsize=3)
