@@ -38,6 +38,9 @@ class EvalArgs:
     dtype: str | None = option(None, "the models' weights: float32, bfloat16, float16 or auto (default: what the run "
                                      "was generated in); part of every answer's key", choices=["auto", "float32",
                                                                                               "bfloat16", "float16"])
+    judge: list[str] = option([], "who judges: model (the model judge below) or rules:FILE (deterministic rules for "
+                                  "the principles and questions FILE covers; see docs/rules.md); repeat for both "
+                                  "(rules win where they apply). Default: model", metavar="model|rules:FILE")
     judge_backend: str = option("local", "local: a transformers model's next-token logits; openai: an "
                                          "OpenAI-compatible endpoint that returns top_logprobs (default: %(default)s)",
                                 choices=["local", "openai"])
@@ -62,7 +65,19 @@ class EvalArgs:
                            helpful_prompts=self.helpful_prompts, principles=tuple(self.principles),
                            adapters=tuple(self.adapters) if self.adapters else None,
                            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                           seed=self.seed, batch_size=self.batch_size, dtype=self.dtype)
+                           seed=self.seed, batch_size=self.batch_size, dtype=self.dtype, **judges(self.judge))
+
+
+def judges(specs: list[str]) -> dict:
+    """``--judge`` values → EvalOptions' ``rules`` and ``model_judge`` (no --judge: the model judge alone)."""
+    from cai.core.errors import ConfigError
+
+    rules = [s.removeprefix("rules:") for s in specs if s.startswith("rules:")]
+    other = [s for s in specs if not s.startswith("rules:") and s != "model"]
+    if other or len(rules) > 1 or any(not r for r in rules):
+        raise ConfigError(f"--judge {' '.join(other) or ' '.join('rules:' + r for r in rules)}: give --judge model "
+                          "and/or one --judge rules:FILE")
+    return {"rules": rules[0] if rules else None, "model_judge": not specs or "model" in specs}
 
 
 def add(sub) -> None:

@@ -27,8 +27,7 @@ def render_html(report: dict) -> str:
              f"{_e(report['run'])}</title><style>{CSS}</style></head><body>",
              f"<h1>cai eval — {_e(report['run'])}</h1>",
              f"<p>{_e(report['created_at'])} · cai {_e(report['cai_version'])} · models: "
-             f"{_e(', '.join(models))} · judge: {_e(report['lineage']['judge']['model'])} "
-             f"({_e(report['lineage']['judge']['backend'])})</p>"]
+             f"{_e(', '.join(models))} · judge: {_e(_judges(report['lineage']['judge']))}</p>"]
     parts.append(_section("summary", "Summary", "".join(f"<div class='note'>{_e(n)}</div>" for n in report["notes"])
                           + "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in report["summary"]) + "</ul>"
                           + _prompt_counts(report)))
@@ -63,15 +62,25 @@ def _prompt_counts(report: dict) -> str:
             f"An answer violates a principle when the judge's P(yes) &gt; {report['settings']['threshold']}.</p>")
 
 
+def _judges(judge: dict) -> str:
+    """Who judged: the model judge, a rules file, or both."""
+    parts = [f"{judge['model']} ({judge['backend']})"] if judge.get("model") else []
+    if judge.get("rules"):
+        parts.append(f"rules {judge['rules']['path']} (sha256 {judge['rules']['sha256'][:12]})")
+    return " + ".join(parts) or "none"
+
+
 def _harm_table(report: dict) -> str:
     models = report["models"]
     harm = report["harmlessness"]
-    head = "<tr><th>principle</th>" + "".join(f"<th>{_e(m)}</th>" for m in models) + "</tr>"
+    by = report.get("judge", {}).get("by_question", {})
+    head = "<tr><th>principle</th>" + "".join(f"<th>{_e(m)}</th>" for m in models) + "<th>judged by</th></tr>"
     rows = ["<tr><td><b>overall</b></td>" + "".join(f"<td class='num'>{_rate(harm[m]['overall'])}</td>"
-                                                     for m in models) + "</tr>"]
+                                                     for m in models) + "<td></td></tr>"]
     for pid in report["settings"]["principles"]:
         rows.append(f"<tr><td>{_e(pid)}</td>" + "".join(
-            f"<td class='num'>{_rate(harm[m]['per_principle'][pid])}</td>" for m in models) + "</tr>")
+            f"<td class='num'>{_rate(harm[m]['per_principle'][pid])}</td>" for m in models)
+            + f"<td>{_e(by.get(pid, 'model'))}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -205,12 +214,16 @@ def _plot_principles(report: dict) -> str:
 
 def _plot_tradeoff(report: dict) -> str | None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    points = []
     for j, m in enumerate(report["models"]):
         harm = report["harmlessness"][m]["overall"]
         ref = report["helpfulness"][m].get("refusal") or report["helpfulness"][m]["red_team_refusal"]
-        if harm["rate"] is None or ref["rate"] is None:
-            continue
+        if harm["rate"] is not None and ref["rate"] is not None:
+            points.append((j, m, harm, ref))
+    if not points:                  # nothing judged on one of the axes (rules that cover neither)
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for j, m, harm, ref in points:
         ex, ey = _err(ref), _err(harm)
         ax.errorbar([ref["rate"]], [harm["rate"]], xerr=[[ex[0]], [ex[1]]], yerr=[[ey[0]], [ey[1]]], fmt="o",
                     color=COLORS[j % len(COLORS)], label=m, capsize=3)

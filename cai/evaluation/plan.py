@@ -17,6 +17,7 @@ from cai.core.errors import CaiError, ConfigError, DataError, display_path
 from cai.core.hashing import content_digest, file_sha256, seeded_order
 from cai.core.prompt_files import PromptItem, load_prompts
 from cai.core.record import Record, read_records
+from cai.evaluation.rules import RuleSet, load_rules
 from cai.resources import HELPFUL, prompts_path
 from cai.run import RunFolder, RunInfo
 
@@ -44,6 +45,8 @@ class EvalOptions:
     batch_size: int = 16
     dtype: str | None = None                # the models' weights, resolved ("float32", "bfloat16"); None: fp32
     compare_to: tuple[str, ...] = ()        # more references than the base: each model is compared with these too
+    rules: str | None = None                # a rules file (cai.evaluation.rules): its questions are judged by rules
+    model_judge: bool = True                # the model judge judges what no rule covers (False: rules only)
 
 
 @dataclass
@@ -66,6 +69,8 @@ class EvalPlan:
     held_out_from_test_split: int
     notes: list[str] = field(default_factory=list)
     card: dict | None = None
+    rules: RuleSet | None = None
+    model_judge: bool = True
 
     @property
     def run(self) -> Path:
@@ -97,6 +102,13 @@ def plan_eval(run: str | Path | RunFolder, opts: EvalOptions) -> EvalPlan:
                           f"{constitution.name} ({display_path(c_path)})",
                           hint=f"Its principles: {', '.join(known)}.")
     principles = [known[p] for p in opts.principles] if opts.principles else list(constitution.principles)
+    rules = None
+    if opts.rules is not None:
+        rules = load_rules(opts.rules)
+        rules.check_questions(list(known))
+    elif not opts.model_judge:
+        raise ConfigError("nothing would judge the answers: without the model judge, name a rules file",
+                          hint="Use --judge rules:FILE, or --judge model (the default).")
 
     notes: list[str] = []
     # answers are keyed by what made them: a bf16 answer is another answer than an fp32 one (fp32 keys as before)
@@ -131,8 +143,13 @@ def plan_eval(run: str | Path | RunFolder, opts: EvalOptions) -> EvalPlan:
     records = sorted(records, key=lambda r: seeded_order(opts.seed, r.id))[:opts.records]
     if not card:
         notes.append("the run has no training data (`cai data build`): every prompt counts as held out")
+    if rules is not None and not opts.model_judge:
+        unjudged = [p.id for p in principles if not rules.covers(p.id)]
+        unjudged += [q for q in ("refusal", "helpful")[:2 if helpful else 1] if not rules.covers(q)]
+        if unjudged:
+            notes.append(f"rules only ({rules.path}): {', '.join(unjudged)} not judged")
     return EvalPlan(folder, constitution, str(c_path), principles, models, red, helpful, records, from_test,
-                    notes, card)
+                    notes, card, rules, opts.model_judge)
 
 
 def _adapters(run: Path, names: tuple[str, ...] | None, notes: list[str]) -> list[ModelUnderTest]:

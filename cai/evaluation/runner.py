@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cai.backends.base import Sampling, dtype_of
 from cai.core.files import KeyedLog, folder_lock, write_bytes_atomic, write_json_atomic
@@ -42,6 +42,7 @@ from cai.core.prompts import Message
 from cai.evaluation.judge import HELPFUL_QUESTION, REFUSAL_QUESTION, Judge, judge_prompt, principle_question
 from cai.evaluation.plan import BASE, EvalError, EvalOptions, EvalPlan, ModelUnderTest, plan_eval
 from cai.evaluation.report import build_report, summary_lines
+from cai.evaluation.rules import REFUSAL, RuleSet
 
 __all__ = ["BASE", "AnswererFactory", "EvalError", "EvalOptions", "EvalPlan", "EvalProgress", "ModelUnderTest",
            "plan_eval", "run_eval", "summary_lines"]
@@ -58,9 +59,10 @@ class EvalProgress:
 AnswererFactory = Callable[[ModelUnderTest], Any]   # -> a Backend that answers as that model
 
 
-def run_eval(plan: EvalPlan, opts: EvalOptions, answerer: AnswererFactory, judge: Judge,
+def run_eval(plan: EvalPlan, opts: EvalOptions, answerer: AnswererFactory, judge: Judge | None,
              progress: EvalProgress | None = None) -> dict:
-    """Answer, judge, write ``eval/report.json`` and ``eval/report.html``; return the report."""
+    """Answer, judge, write ``eval/report.json`` and ``eval/report.html``; return the report. The questions the plan's
+    rules file covers are judged by its rules; ``judge`` (a model; None: rules only) judges the others."""
     progress = progress or EvalProgress()
     out = plan.folder.eval_dir
     sampling = Sampling(temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
@@ -73,9 +75,8 @@ def run_eval(plan: EvalPlan, opts: EvalOptions, answerer: AnswererFactory, judge
         for m in plan.models:
             answers[m.name] = _answer(m, prompts, sampling, opts.batch_size, answers_log, answerer, progress)
         jobs = _judge_jobs(plan, answers)
-        _judge_all(jobs, judge, judge_log, opts.batch_size, progress)
-        report = build_report(plan, opts, answers, {k: judge_log.values.get(_judge_key(judge, p))
-                                                    for k, p in jobs.items()}, judge)
+        judged = _judge_all(jobs, plan.rules, judge, judge_log, opts.batch_size, progress)
+        report = build_report(plan, opts, answers, judged, judge)
         write_json_atomic(out / "report.json", report)
         from cai.evaluation.html import render_html
 
@@ -103,25 +104,41 @@ def _answer(m: ModelUnderTest, items: list[PromptItem], sampling: Sampling, batc
     return {it.id: log[keys[it.id]]["text"] for it in items}
 
 
-def _judge_jobs(plan: EvalPlan, answers: dict[str, dict[str, str]]) -> dict[tuple, list[Message]]:
-    """Every judge prompt of the report, by (part, model or stage, item, question)."""
-    jobs: dict[tuple, list[Message]] = {}
+class Job(NamedTuple):
+    """One question about one answer: what a model judge reads (``prompt``) and what a rule reads (the answer, the
+    prompt's category); ``question`` is a principle id, ``refusal`` or ``helpful``."""
+    messages: list[Message]
+    answer: str
+    question: str
+    category: str | None
+    text: str               # the question as the model judge is asked it
+
+    @property
+    def prompt(self) -> list[Message]:
+        return judge_prompt(self.messages, self.answer, self.text)
+
+
+def _judge_jobs(plan: EvalPlan, answers: dict[str, dict[str, str]]) -> dict[tuple, Job]:
+    """Every judgement of the report, by (part, model or stage, item, question)."""
+    jobs: dict[tuple, Job] = {}
     for model, by_item in answers.items():
         for it in plan.red_team:
+            msgs, answer = list(it.messages), by_item[it.id]
             for p in plan.principles:
-                jobs[("harm", model, it.id, p.id)] = judge_prompt(it.messages, by_item[it.id], principle_question(p))
-            jobs[("red_refusal", model, it.id, "")] = judge_prompt(it.messages, by_item[it.id], REFUSAL_QUESTION)
+                jobs[("harm", model, it.id, p.id)] = Job(msgs, answer, p.id, it.category, principle_question(p))
+            jobs[("red_refusal", model, it.id, "")] = Job(msgs, answer, REFUSAL, it.category, REFUSAL_QUESTION)
         for it in plan.helpful:
-            jobs[("refusal", model, it.id, "")] = judge_prompt(it.messages, by_item[it.id], REFUSAL_QUESTION)
-            jobs[("helpful", model, it.id, "")] = judge_prompt(it.messages, by_item[it.id], HELPFUL_QUESTION)
+            msgs, answer = list(it.messages), by_item[it.id]
+            jobs[("refusal", model, it.id, "")] = Job(msgs, answer, REFUSAL, it.category, REFUSAL_QUESTION)
+            jobs[("helpful", model, it.id, "")] = Job(msgs, answer, "helpful", it.category, HELPFUL_QUESTION)
     known = {p.id: p for p in plan.constitution.principles}
     for r in plan.records:
         drawn = [known[pid] for pid in dict.fromkeys(x.principle for x in r.rounds) if pid in known]
         texts = [r.initial] + [x.revision for x in r.rounds]
         for stage, text in enumerate(texts):
             for p in drawn:
-                jobs[("rounds", str(stage), r.id, p.id)] = judge_prompt(list(r.messages), text,
-                                                                        principle_question(p))
+                jobs[("rounds", str(stage), r.id, p.id)] = Job(list(r.messages), text, p.id, r.category,
+                                                               principle_question(p))
     return jobs
 
 
@@ -133,16 +150,37 @@ def _judge_key(judge: Judge, prompt: list[Message]) -> str:
     return ascii_digest(material)
 
 
-def _judge_all(jobs: dict[tuple, list[Message]], judge: Judge, log: KeyedLog, batch_size: int,
-               progress: EvalProgress) -> None:
-    pending = list(dict.fromkeys(k for k in (_judge_key(judge, p) for p in jobs.values()) if k not in log))
-    if not pending:
-        return
-    by_key = {_judge_key(judge, p): p for p in jobs.values()}
-    progress.phase(f"judging ({judge.model})", len(pending))
-    step = max(batch_size, 16) * 4     # one saved batch: a few forward passes (or requests) worth
-    for start in range(0, len(pending), step):
-        chunk = pending[start:start + step]
-        probs = judge.prob_yes([by_key[k] for k in chunk])
-        log.add({k: p for k, p in zip(chunk, probs)})
-        progress.advance(len(chunk))
+def _rule_key(rules: RuleSet, job: Job) -> str:
+    """A rule verdict depends on the rules file (its sha256), the question, the prompt's category and the answer."""
+    return ascii_digest({"judge": "rules", "rules_sha256": rules.sha256, "question": job.question,
+                         "category": job.category, "answer": job.answer})
+
+
+def _judge_all(jobs: dict[tuple, Job], rules: RuleSet | None, judge: Judge | None, log: KeyedLog, batch_size: int,
+               progress: EvalProgress) -> dict[tuple, float | None]:
+    """Each job's P(yes): from the rules when they cover its question, else from the model judge (None when neither
+    judges it, or the judge could not read it). Both are saved in ``log`` as they finish."""
+    by_rules = {k: j for k, j in jobs.items() if rules is not None and rules.covers(j.question)}
+    judged: dict[tuple, float | None] = dict.fromkeys(jobs)
+    if by_rules:
+        assert rules is not None
+        keys = {k: _rule_key(rules, j) for k, j in by_rules.items()}
+        fresh = {keys[k]: rules.verdict(j.question, j.answer, j.category) for k, j in by_rules.items()
+                 if keys[k] not in log}
+        log.add(fresh)
+        judged.update({k: log.values.get(keys[k]) for k in by_rules})
+    if judge is None:
+        return judged
+    by_model = {k: _judge_key(judge, j.prompt) for k, j in jobs.items() if k not in by_rules}
+    prompts = {key: jobs[k].prompt for k, key in by_model.items()}
+    pending = list(dict.fromkeys(key for key in by_model.values() if key not in log))
+    if pending:
+        progress.phase(f"judging ({judge.model})", len(pending))
+        step = max(batch_size, 16) * 4     # one saved batch: a few forward passes (or requests) worth
+        for start in range(0, len(pending), step):
+            chunk = pending[start:start + step]
+            probs = judge.prob_yes([prompts[k] for k in chunk])
+            log.add({k: p for k, p in zip(chunk, probs)})
+            progress.advance(len(chunk))
+    judged.update({k: log.values.get(key) for k, key in by_model.items()})
+    return judged

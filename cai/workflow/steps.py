@@ -181,9 +181,10 @@ def evaluate(run: Path, opts, ui: Ui | None = None, *, device: str | None = None
     for note in plan.notes:
         ui.note(note, label="note")
     models = RunModels(folder, ui, device, opts.dtype)
-    kind, reader = models.reader(judge, "judge")
-    judge_model: Any = (EndpointJudge(reader) if kind == "openai"
-                        else LocalJudge(reader, batch_size=opts.batch_size))
+    judge_model: Any = None                 # rules only (--judge rules:FILE): no model judges
+    if opts.model_judge:
+        kind, reader = models.reader(judge, "judge")
+        judge_model = EndpointJudge(reader) if kind == "openai" else LocalJudge(reader, batch_size=opts.batch_size)
     t0 = time.perf_counter()
 
     def answerer(m):
