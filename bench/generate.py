@@ -7,6 +7,10 @@ the ratios. Absolute figures depend on the machine's load; the ratios, measured 
 
     .venv/bin/python bench/generate.py                  # 16 prompts, batch 16, 1 round, 128 new tokens per stage
     .venv/bin/python bench/generate.py --batch-size 8 --max-new-tokens 48
+    .venv/bin/python bench/generate.py --dtype bfloat16    # the model in bf16 (every arm alike)
+
+Pipeline arms: as shipped (the prefix cache, and the revise stage continuing the critique's cache); without the
+continuation (each call prefilled from the prefix cache alone); without the prefix cache (nor the continuation).
 """
 
 from __future__ import annotations
@@ -66,18 +70,21 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32, as cai generate")
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    backend = Recording("default")
+    backend = Recording("default", dtype=args.dtype)
     constitution = load_constitution(ROOT / "constitution/default.yaml")
     items = load_prompts(ROOT / "data/prompts/red_team.jsonl").items
     items = items[:: max(1, len(items) // args.prompts)][: args.prompts]   # spread over the categories
     sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=0)
 
-    def pipeline(prefix_cache: bool) -> tuple[float, int]:
+    def pipeline(prefix_cache: bool, continuation: bool = True) -> tuple[float, int]:
         backend.prefix_cache = prefix_cache
+        backend.continuation = continuation and prefix_cache
         backend._prefixes.clear()
+        backend._kept = None
         backend.batches.clear()
         backend.seconds.clear()
         with tempfile.TemporaryDirectory() as out:
@@ -90,6 +97,7 @@ def main() -> None:
     t_pipe, n_pipe = pipeline(True)
     batches = list(backend.batches)
     call_seconds = list(backend.seconds)
+    t_nocont, n_nocont = pipeline(True, continuation=False)
     t_nocache, n_nocache = pipeline(False)
 
     t0 = time.perf_counter()
@@ -100,15 +108,13 @@ def main() -> None:
     n_one = sum(raw_generate(backend, [m], args.max_new_tokens) for b in batches for m in b)
     t_one = time.perf_counter() - t0
 
-    rate = {k: n / t for k, (t, n) in {"pipeline": (t_pipe, n_pipe),
-                                       "pipeline, no prefix cache": (t_nocache, n_nocache),
-                                       "raw batched generate": (t_raw, n_raw),
-                                       "one prompt at a time": (t_one, n_one)}.items()}
-    times = {"pipeline": t_pipe, "pipeline, no prefix cache": t_nocache, "raw batched generate": t_raw,
-             "one prompt at a time": t_one}
-    tokens = {"pipeline": n_pipe, "pipeline, no prefix cache": n_nocache, "raw batched generate": n_raw,
-              "one prompt at a time": n_one}
-    print(f"default model, {len(items)} prompts, batch {args.batch_size}, {args.rounds} round(s), "
+    arms = {"pipeline": (t_pipe, n_pipe), "pipeline, no continuation": (t_nocont, n_nocont),
+            "pipeline, no prefix cache": (t_nocache, n_nocache), "raw batched generate": (t_raw, n_raw),
+            "one prompt at a time": (t_one, n_one)}
+    rate = {k: n / t for k, (t, n) in arms.items()}
+    times = {k: t for k, (t, _) in arms.items()}
+    tokens = {k: n for k, (_, n) in arms.items()}
+    print(f"default model ({backend.dtype}), {len(items)} prompts, batch {args.batch_size}, {args.rounds} round(s), "
           f"{args.max_new_tokens} new tokens max per stage, greedy; {len(batches)} backend calls; "
           f"torch threads {torch.get_num_threads()}")
     print("pipeline backend calls (s):", " ".join(f"{t:.1f}" for t in call_seconds))
@@ -117,6 +123,8 @@ def main() -> None:
         print(f"{k:28} {tokens[k]:7d} {times[k]:8.1f} {rate[k]:7.1f}")
     print(f"pipeline / raw batched        = {rate['pipeline'] / rate['raw batched generate']:.2f}  (target >= 0.9)")
     print(f"pipeline / one at a time      = {rate['pipeline'] / rate['one prompt at a time']:.2f}  (target >= 5)")
+    print(f"pipeline / no continuation    = {rate['pipeline'] / rate['pipeline, no continuation']:.2f}"
+          "  (the revise stage continuing the critique's cache)")
     print(f"raw batched / one at a time   = {rate['raw batched generate'] / rate['one prompt at a time']:.2f}")
     print(f"pipeline no cache / raw batch = {rate['pipeline, no prefix cache'] / rate['raw batched generate']:.2f}"
           "  (the pipeline's own overhead)")
