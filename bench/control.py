@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cai.cli.console import quiet_libraries  # noqa: E402
+from cai.cli.ui import TerminalUi  # noqa: E402
 from cai.workflow.control import ControlJob, run_control  # noqa: E402
 
 
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--steps must be at least 1, got {a.steps}")
     job = ControlJob(out=a.out, model=a.model, train_prompts=a.train_prompts, steps=a.steps,
                      learning_rate=a.learning_rate, four_bit=a.four_bit, dtype=a.dtype, seed=a.seed)
-    r = run_control(job)
+    quiet_libraries()
+    r = run_control(job, TerminalUi())          # progress bars and each stage's summary, as the commands show
     print(f"\npositive control, principle {r['principle']!r}: violation rate on the held-out health questions "
           f"(the rule judges; greedy)")
     print(f"{'arm':>8} {'n':>4} {'base':>18} {'after SFT':>18} {'difference [95%]':>24} {'McNemar p':>10}  verdict")
