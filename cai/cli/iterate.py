@@ -44,6 +44,9 @@ class IterateArgs:
     prompts_per_iteration: int = option(16, "fresh prompts each iteration answers (default: %(default)s)")
     heldout: int = option(16, "red-team prompts held out for the fixed evaluation (default: %(default)s)")
     helpful_mix: float = option(0.25, "fraction of SFT rows from the helpful prompts (default: %(default)s)")
+    ignore_stop: list[str] = option([], "a stop rule to report but not stop on (repeatable; one of "
+                                    "harmlessness_stalled, over_refusal, diversity_collapse, judge_blind). Given to "
+                                    "a loop that stopped on it, the loop goes on", metavar="RULE")
     allow_flag: list[str] = option(["truncated"], "flags allowed into training (default: truncated: the small "
                                                   "default model rambles to the token limit)", metavar="FLAG")
     rounds: int = option(1, "critique→revise rounds per record (default: %(default)s)")
@@ -87,7 +90,7 @@ class IterateArgs:
             eval_helpful=self.eval_helpful, eval_records=self.eval_records,
             eval_max_new_tokens=self.eval_max_new_tokens, dtype=self.dtype, critic=critic,
             max_stall=self.max_violation_drop_stall, refusal_rise=self.max_refusal_rise,
-            diversity_floor=self.diversity_floor)
+            diversity_floor=self.diversity_floor, ignore_stops=tuple(self.ignore_stop))
 
 
 def add(sub) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from cai.evaluation.paired import NOT_DISCRIMINATING
 
 DIVERSITY = ("distinct_2", "self_bleu", "compression_ratio")
+RULES = ("harmlessness_stalled", "over_refusal", "diversity_collapse", "judge_blind")
 
 
 @dataclass(frozen=True)

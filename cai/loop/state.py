@@ -65,6 +65,7 @@ class LoopSettings:
     max_stall: int = 1
     refusal_rise: float = 0.10
     diversity_floor: float = 0.8
+    ignore_stops: tuple[str, ...] = ()     # rules reported when they fire, but the loop goes on
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -76,6 +77,12 @@ class LoopSettings:
         for name in ("prompts_per_iteration", "heldout", "batch_size", "train_steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise CaiError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        from cai.loop.rules import RULES
+
+        unknown = [r for r in self.ignore_stops if r not in RULES]
+        if unknown:
+            raise CaiError(f"--ignore-stop: no stop rule {', '.join(map(repr, unknown))}",
+                           hint=f"The rules are {', '.join(RULES)}.")
         if self.max_stall < 0:
             raise CaiError(f"--max-violation-drop-stall must be at least 0, got {self.max_stall}")
 
@@ -86,7 +93,7 @@ class LoopSettings:
 
 
 # settings a later `cai iterate` may change without starting again
-CHANGEABLE = ("max_stall", "refusal_rise", "diversity_floor")
+CHANGEABLE = ("max_stall", "refusal_rise", "diversity_floor", "ignore_stops")
 
 
 @dataclass
@@ -149,6 +156,7 @@ class LoopFolder:
         try:
             data = json.loads(self.settings_file.read_text(encoding="utf-8"))
             data["allow_flags"] = tuple(data.get("allow_flags", ()))
+            data["ignore_stops"] = tuple(data.get("ignore_stops", ()))
             return LoopSettings(**data)
         except (ValueError, TypeError) as e:
             raise RunFolderError(f"{display_path(self.settings_file)} is unreadable ({e})",

@@ -52,6 +52,7 @@ def iterate(out: Path, settings: LoopSettings, iterations: int, ui: Ui | None = 
     prompts = _split_prompts(folder, settings, iterations)
     folder.write_settings(settings)
     state = folder.read_state()
+    _release(state, settings.ignore_stops)
     folder.write_state(state)             # from the start: a loop cut in its first stage says so (nothing done)
     rules = RuleState(stalled=state.stalled)
     stop = StopSettings(settings.max_stall, settings.refusal_rise, settings.diversity_floor)
@@ -68,20 +69,39 @@ def iterate(out: Path, settings: LoopSettings, iterations: int, ui: Ui | None = 
         if not state.is_done(k, "rules"):
             fired = check(step.report(), settings.final_stage, "prev" if k > 1 else "base", rules, stop)
             state.stalled = rules.stalled
-            state.stops[str(k)] = [s.to_dict() for s in fired]
-            if fired:
+            state.stops[str(k)] = [s.to_dict() | ({"ignored": True} if s.rule in settings.ignore_stops else {})
+                                   for s in fired]
+            if any(s.rule not in settings.ignore_stops for s in fired):
                 state.stopped_at = k
             state.mark(k, "rules", 0.0)
             folder.write_state(state)
         done = k
         for s in state.stops.get(str(k), []):
-            ui.note(f"iteration {k}: {s['rule']}: {s['message']}", label="stop")
+            ui.note(f"iteration {k}: {s['rule']}: {s['message']}" + (" (ignored: --ignore-stop)" if s.get("ignored")
+                                                                     else ""), label="stop")
         if state.stopped_at == k:
             break
     report = write_report(folder)
     ui.iterated(out, report)
-    stopped = state.stops.get(str(state.stopped_at)) if state.stopped_at else None
-    return IterateResult(done, stopped, None, report)
+    return IterateResult(done, stopping(state), None, report)
+
+
+def stopping(state: LoopState) -> list[dict] | None:
+    """The rules that stopped the loop (those it was told to ignore left out), or None when it did not stop."""
+    if state.stopped_at is None:
+        return None
+    return [s for s in state.stops.get(str(state.stopped_at), []) if not s.get("ignored")]
+
+
+def _release(state: LoopState, ignore: tuple[str, ...]) -> None:
+    """A loop that stopped only on rules now ignored goes on: they are marked ignored, the stop is lifted."""
+    if state.stopped_at is None:
+        return
+    stops = state.stops.get(str(state.stopped_at), [])
+    if stops and all(s["rule"] in ignore for s in stops):
+        for s in stops:
+            s["ignored"] = True
+        state.stopped_at = None
 
 
 def _split_prompts(folder: LoopFolder, s: LoopSettings, iterations: int) -> list[list]:

@@ -118,6 +118,21 @@ def test_a_blind_judge_stops_the_loop_and_says_why(tiny_model_dir, tmp_path, cap
     assert state["stopped_at"] == 1 and state["stops"]["1"][0]["rule"] == "judge_blind"
     assert not (loop / "iterations" / "2" / "gen").exists()          # iteration 2 never started
     assert "stopped after iteration 1" in out and "no longer tells answers apart" in out
+    # the person decides the judge's blindness is known (a weak judge): the same loop, told to ignore that rule, goes on
+    assert main(args(tiny_model_dir, loop, "--iterations", "2", "--ignore-stop", "judge_blind")) == 0
+    out = " ".join("".join(capsys.readouterr()).split())
+    state = read(loop / "iterations" / "state.json")
+    assert state["stops"]["1"][0]["ignored"] is True and state["done"]["2"][-1] == "rules"
+    assert [s["rule"] for s in state["stops"]["2"] if s.get("ignored")] == ["judge_blind"]   # reported, not obeyed
+    assert "(ignored: --ignore-stop)" in out
+    assert state["stopped_at"] in (None, 2) and all(s["rule"] != "judge_blind" for s in
+                                                     (read(loop / "iterations" / "report.json")["stopped_by"] or []))
+
+
+def test_an_unknown_rule_to_ignore_is_refused_with_the_rules(tiny_model_dir, tmp_path, capsys):
+    assert main(args(tiny_model_dir, tmp_path / "loop", "--ignore-stop", "judge-blind")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no stop rule 'judge-blind'" in err and "judge_blind" in err and not (tmp_path / "loop").exists()
 
 
 def test_the_review_gate_waits_then_continues(tiny_model_dir, tmp_path, capsys, monkeypatch, no_stops):
