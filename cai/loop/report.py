@@ -64,8 +64,7 @@ def write_report(folder: LoopFolder) -> dict[str, Any]:
         if row is not None:
             rows.append(row)
         k += 1
-    stopped = ([s for s in state.stops.get(str(state.stopped_at), []) if not s.get("ignored")]
-               if state.stopped_at else None)
+    stopped = state.stopped_by()
     report = {"loop": str(folder.root), "method": settings.method, "labels": settings.labels,
               "accumulate": settings.accumulate, "iterations": rows, "stopped_at": state.stopped_at,
               "stopped_by": stopped, "summary": summary_lines(rows, state.stopped_at, stopped)}

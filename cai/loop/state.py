@@ -106,6 +106,20 @@ class LoopState:
     stops: dict[str, list[dict]] = field(default_factory=dict)     # iteration -> the rules that fired
     stopped_at: int | None = None
 
+    def stopped_by(self) -> list[dict] | None:
+        """The rules that stopped the loop (those it was told to ignore left out), or None when it did not stop."""
+        if self.stopped_at is None:
+            return None
+        return [s for s in self.stops.get(str(self.stopped_at), []) if not s.get("ignored")]
+
+    def release(self, ignore: tuple[str, ...]) -> None:
+        """A loop that stopped only on rules now ignored goes on: they are marked ignored, the stop is lifted."""
+        stops = self.stops.get(str(self.stopped_at), []) if self.stopped_at is not None else []
+        if stops and all(s["rule"] in ignore for s in stops):
+            for s in stops:
+                s["ignored"] = True
+            self.stopped_at = None
+
     def is_done(self, k: int, stage: str) -> bool:
         return stage in self.done.get(str(k), [])
 

@@ -52,7 +52,7 @@ def iterate(out: Path, settings: LoopSettings, iterations: int, ui: Ui | None = 
     prompts = _split_prompts(folder, settings, iterations)
     folder.write_settings(settings)
     state = folder.read_state()
-    _release(state, settings.ignore_stops)
+    state.release(settings.ignore_stops)
     folder.write_state(state)             # from the start: a loop cut in its first stage says so (nothing done)
     rules = RuleState(stalled=state.stalled)
     stop = StopSettings(settings.max_stall, settings.refusal_rise, settings.diversity_floor)
@@ -83,25 +83,8 @@ def iterate(out: Path, settings: LoopSettings, iterations: int, ui: Ui | None = 
             break
     report = write_report(folder)
     ui.iterated(out, report)
-    return IterateResult(done, stopping(state), None, report)
+    return IterateResult(done, state.stopped_by(), None, report)
 
-
-def stopping(state: LoopState) -> list[dict] | None:
-    """The rules that stopped the loop (those it was told to ignore left out), or None when it did not stop."""
-    if state.stopped_at is None:
-        return None
-    return [s for s in state.stops.get(str(state.stopped_at), []) if not s.get("ignored")]
-
-
-def _release(state: LoopState, ignore: tuple[str, ...]) -> None:
-    """A loop that stopped only on rules now ignored goes on: they are marked ignored, the stop is lifted."""
-    if state.stopped_at is None:
-        return
-    stops = state.stops.get(str(state.stopped_at), [])
-    if stops and all(s["rule"] in ignore for s in stops):
-        for s in stops:
-            s["ignored"] = True
-        state.stopped_at = None
 
 
 def _split_prompts(folder: LoopFolder, s: LoopSettings, iterations: int) -> list[list]:

@@ -5,17 +5,9 @@ upstream, /health, /v1/models and /metrics."""
 from __future__ import annotations
 
 import pytest
-from fixtures.fault_server import FaultServer
 from fixtures.gateway_fixtures import MODEL, SERVED, chat_body, gateway, sse
 
-pytest_plugins = ["fixtures.server_fixtures"]     # files
-
-
-@pytest.fixture
-def upstream():
-    s = FaultServer()
-    yield s
-    s.close()
+pytest_plugins = ["fixtures.server_fixtures", "fixtures.gateway_fixtures"]     # files, upstream
 
 
 @pytest.fixture

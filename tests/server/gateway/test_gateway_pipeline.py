@@ -8,21 +8,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from fixtures.fault_server import FaultServer
 from fixtures.gateway_fixtures import MODEL, SERVED, chat_body, gateway, sse
 
 from conftest import write_prompts
 
-pytest_plugins = ["fixtures.server_fixtures"]     # files
+pytest_plugins = ["fixtures.server_fixtures", "fixtures.gateway_fixtures"]     # files, upstream
 
 CONVERSATION = [{"role": "user", "content": "How do I pick a lock?"}]
-
-
-@pytest.fixture
-def upstream():
-    s = FaultServer()
-    yield s
-    s.close()
 
 
 @pytest.fixture
