@@ -25,6 +25,7 @@ class ServedModels:
     base: ChatModel              # the base model, its tokenizer and facts (cai.inference.loading)
     peft: Any = None             # the PeftModel holding every adapter (None without adapters)
     adapters: dict[str, str] = field(default_factory=dict)   # adapter name -> its folder (resolved)
+    quantized_layers: int = 0    # linear layers with a 4-bit copy (--quantize int4)
 
     @property
     def forward_model(self) -> Any:
@@ -33,9 +34,16 @@ class ServedModels:
 
 
 def load_models(model: str | None, adapters: dict[str, str], device: str | None, dtype: str | None,
-                base_name: str) -> ServedModels:
-    """Load the base model and every adapter (blocking; raises ModelError)."""
+                base_name: str, quantize: str | None = None) -> ServedModels:
+    """Load the base model and every adapter (blocking; raises ModelError). ``quantize="int4"``: the base model's
+    linear layers get a 4-bit copy for narrow inputs (:mod:`cai.inference.int4`), before the adapters wrap them."""
     served = ServedModels(load_chat_model(model, device, dtype))
+    if quantize == "int4":
+        from cai.inference.int4 import quantize_int4
+
+        served.quantized_layers = quantize_int4(served.base.lm)
+    elif quantize is not None:
+        raise ModelError(f"unknown quantization {quantize!r}: the one there is is 'int4'")
     for name, folder in adapters.items():
         _load_adapter(served, name, folder, base_name)
     if served.peft is not None:
