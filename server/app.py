@@ -59,7 +59,8 @@ def load_engine(settings: Settings) -> tuple[Any, dict[str, dict | None]]:
     model_id = resolve_model(settings.model).model_id
     manifests = {name: check_adapter(name, folder, model_id) for name, folder in settings.adapters.items()}
     engine = Engine(settings.model, dict(settings.adapters), device=settings.device, dtype=settings.dtype,
-                    max_batch=settings.max_batch, queue_size=settings.queue_size, base_name=settings.base_name)
+                    max_batch=settings.max_batch, queue_size=settings.queue_size, base_name=settings.base_name,
+                    compile=settings.compile, quantize=settings.quantize)
     return engine, manifests
 
 

@@ -46,6 +46,12 @@ class ServeArgs:
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
     dtype: str = option("auto", "weights' dtype (auto: bfloat16 on a GPU or CPU with bf16 in hardware, AVX512-BF16 "
                                 "or AMX, else float32; default: %(default)s)", choices=DTYPES)
+    compile: bool = option(False, "compile the one-row decode step (what a single client waits on per token) of every "
+                                  "model before serving: ~45 s per model the first time on 2 CPU cores, seconds "
+                                  "once cached; needs a C++ compiler on a CPU")
+    quantize: str | None = option(None, "int4: decode steps of a few rows read 4-bit copies of the weights (groups of "
+                                        "32; the default model's own Q4_1 weights), on a CPU in bfloat16; prefills "
+                                        "and wide batches keep the bf16 weights", choices=["int4"])
     upstream: list[str] = option([], "gateway mode: an OpenAI-compatible engine (vLLM, TGI, SGLang, llama.cpp, "
                                      "Ollama, cai serve) that does the generation, e.g. http://10.0.0.5:8000/v1; "
                                      "repeatable (balanced, failing ones cooled down); no model is loaded here",
@@ -107,6 +113,10 @@ def run(ns: argparse.Namespace) -> int:
         raise CaiError(f"--port must be in 1..65535, got {a.port}")
     if a.max_batch < 1 or a.queue_size < 1:
         raise CaiError("--max-batch and --queue-size must be at least 1")
+    if a.quantize and not a.upstream and (a.dtype not in ("auto", "bfloat16") or (a.device or "cpu") != "cpu"):
+        raise CaiError(f"--quantize {a.quantize} serves on the CPU in bfloat16; it cannot go with "
+                       + ("--dtype " + a.dtype if a.dtype not in ("auto", "bfloat16") else f"--device {a.device}"),
+                       hint="Leave out --quantize, or serve with --dtype bfloat16 (or auto) on the CPU.")
     limits = Limits(max_tokens=a.max_tokens, default_max_tokens=a.default_max_tokens, max_n=a.max_n,
                     max_body_bytes=a.max_body_bytes)
     keys = read_api_keys(a.api_key_file, a.api_key_env)
@@ -131,7 +141,8 @@ def run(ns: argparse.Namespace) -> int:
     settings = Settings(model=a.model, adapters=adapters, constitutions=tuple(str(s) for s in sources),
                         api_keys=tuple(keys), key_holders={k: v for k, v in keys.items() if v},
                         review_runs=reviews, review_rule=a.review_rule, limits=limits, device=a.device,
-                        dtype=a.dtype, max_batch=a.max_batch, queue_size=a.queue_size, drain_grace_s=a.drain_grace)
+                        dtype=a.dtype, compile=a.compile, quantize=a.quantize, max_batch=a.max_batch,
+                        queue_size=a.queue_size, drain_grace_s=a.drain_grace)
     quiet_libraries()
     return serve(settings, host=a.host, port=a.port, log_level="info" if ns.verbose else "warning")
 
@@ -146,7 +157,8 @@ def _gateway(a: ServeArgs, ns: argparse.Namespace, limits, keys: dict[str, str |
 
     err = console(stderr=True)
     local = [flag for flag, given in [("--model", a.model != "default"), ("--adapter", bool(a.adapter)),
-                                      ("--device", a.device is not None), ("--dtype", a.dtype != "auto")] if given]
+                                      ("--device", a.device is not None), ("--dtype", a.dtype != "auto"),
+                                      ("--compile", a.compile), ("--quantize", a.quantize is not None)] if given]
     if local:
         raise CaiError(f"{', '.join(local)} cannot go with --upstream: in gateway mode the upstreams serve the model",
                        hint="Leave them out, or leave out --upstream to serve a model here.")

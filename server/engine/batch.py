@@ -72,6 +72,7 @@ class Batch:
     cache: Any                        # server.engine.slots.SlotCache
     head: TemplateHead | None = None
     cache_argument: str = "past_key_values"   # how the model's forward names its cache (slots.cache_argument)
+    compiled: Any = None              # the compiled decode step (compiled.CompiledDecode), if any
     _rows: list[Row] = field(default_factory=list)
     passed: int = 0                   # rows in the last forward pass
     fed: int = 0                      # tokens in the last forward pass
@@ -110,6 +111,8 @@ class Batch:
 
         from server.engine.slots import Part, Step
 
+        if self.compiled is not None and self._rows and not any(r.pending for r in self._rows):
+            return self._compiled_step()
         decode = sorted((r for r in self._rows if not r.pending), key=lambda r: r.slot)
         prefill: list[tuple[Row, int]] = []
         for r in self._rows:
@@ -173,6 +176,17 @@ class Batch:
             del r.pending[:n]
         self.passed, self.fed = len(decode) + len(prefill), len(ids)
         return [r.request for r in sampled], logits
+
+    def _compiled_step(self) -> tuple[list[Request], Any]:
+        """A step in which every row decodes, through the compiled graphs (compiled.py)."""
+        rows = self._rows
+        assert all(r.last is not None for r in rows)
+        logits = self.compiled.step([r.last for r in rows], [r.slot for r in rows], [r.length for r in rows])
+        for r in rows:
+            r.length += 1
+            r.last = None
+        self.passed = self.fed = len(rows)
+        return [r.request for r in rows], logits
 
     def _forward(self, ids: Any, step: Any, keep: Any) -> Any:
         """Logits [kept tokens, vocab] float32 of the step's tokens at ``keep``; their keys/values are written."""

@@ -62,7 +62,8 @@ class Engine:
     def __init__(self, model: str | None = "default", adapters: dict[str, str] | None = None, *,
                  device: str | None = None, max_batch: int = 16, queue_size: int = 64,
                  batch_window_s: float = 0.005, base_name: str = "base", dtype: str | None = None,
-                 continuous: bool = True, prefill_chunk: int = 64):
+                 continuous: bool = True, prefill_chunk: int = 64, compile: bool = False,
+                 quantize: str | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -75,8 +76,11 @@ class Engine:
         self.base_name = base_name
         self.continuous = continuous            # admit waiting requests into a running wave
         self.prefill_chunk = prefill_chunk      # prompt tokens a decode step takes in (rows joining a running wave)
-        served = load_models(model, dict(adapters or {}), device, dtype, base_name)
+        if quantize == "int4" and dtype in (None, "auto"):
+            dtype = "bfloat16"                  # the int4 kernel takes bf16 activations, whatever the CPU
+        served = load_models(model, dict(adapters or {}), device, dtype, base_name, quantize)
         base = served.base
+        self.quantize = quantize if served.quantized_layers else None   # "int4": narrow inputs take 4-bit weights
         self.tokenizer, self.device = base.tokenizer, base.device
         self.dtype = str(base.lm.dtype).removeprefix("torch.")
         self.model_id, self.model_revision = base.model_id, base.revision
@@ -105,6 +109,9 @@ class Engine:
         # with: its keys/values are computed once per model and copied into each prefill instead of recomputed
         self.head: tuple[int, ...] = self._template_head()
         self._head = TemplateHead(self.head, self._lm.config, self.device)
+        self._compiled: Any = None              # the compiled decode step (compiled.py), with compile=True
+        if compile:
+            self._compile()
 
     # -- facts -------------------------------------------------------------------------------------------------
 
@@ -132,6 +139,11 @@ class Engine:
         """A snapshot: rows in each forward pass (prefills and decode steps) -> how many passes had that many."""
         with self._scheduler.lock:
             return Counter(self._batch_sizes)
+
+    @property
+    def compiled(self) -> list[str]:
+        """The models whose decode step is compiled (none without ``compile=True``)."""
+        return list(self._compiled.compiled_models) if self._compiled is not None else []
 
     @property
     def head_rows(self) -> int:
@@ -325,7 +337,7 @@ class Engine:
 
     def _decode_wave(self, rows: list[Request]) -> None:
         model = rows[0].model
-        batch = Batch(self._model, self._slot_cache(), self._head, self._cache_argument)
+        batch = Batch(self._model, self._slot_cache(), self._head, self._cache_argument, self._compiled)
         batch.add(rows)
         while batch.rows:
             room = self.max_batch - len(batch.rows)
@@ -336,6 +348,18 @@ class Engine:
                     batch.add(joining)
             budget = min(self.prefill_chunk, self.MAX_STEP_TOKENS) if batch.decoding else self.MAX_STEP_TOKENS
             self._advance(batch, *batch.step(budget))
+
+    def _compile(self) -> None:
+        """Compile the decode step of every model served, before any request (see compiled.py)."""
+        import torch
+
+        from server.engine.compiled import CompiledDecode
+
+        with torch.inference_mode():     # as the worker runs (a tensor made outside it is another kind of input)
+            self._compiled = CompiledDecode(self._model, self._slot_cache(), self._cache_argument, self.device)
+            for name in self.model_names:
+                with use_model(self._peft, name, self.base_name):
+                    self._compiled.warm(name)
 
     def _slot_cache(self) -> Any:
         """The KV cache of every wave: max_batch slots, allocated on first use and kept (see slots.py)."""

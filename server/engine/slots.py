@@ -78,12 +78,27 @@ class Step:
     parts: list[Part]
 
 
+@dataclass
+class Decode:
+    """A step in which every row decodes one token, in the form a compiled graph keeps from step to step (the
+    compiled decode step, :mod:`server.engine.compiled`): row i's token goes to ``column[i]`` of ``slot[i]`` and its
+    query attends to columns 0..column[i] of that slot. The columns read are the size of ``seen``, an empty tensor,
+    so that the compiler keeps that number symbolic (a dynamic dimension) instead of compiling again for each length;
+    the rows' count is the tokens' dimension, dynamic from 2 rows (one row is a graph of its own: its attention reads
+    exactly its columns, unmasked, as the eager step's does; attending over more columns, masked, rounds otherwise in
+    bf16 and changes tokens)."""
+
+    slot: torch.Tensor               # [rows] long
+    column: torch.Tensor             # [rows] long: each row's token's column (= its position id)
+    seen: torch.Tensor               # [max(column) + 1], empty: its size is the columns read
+
+
 @dataclass(frozen=True)
 class SlotKV:
     """What :meth:`SlotCache.update` hands to attention: one layer's whole buffer and the step."""
 
     buffer: torch.Tensor     # [slots, kv heads, capacity, head dim]
-    step: Step
+    step: Step | Decode
 
 
 class SlotCache:
@@ -101,7 +116,7 @@ class SlotCache:
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.step: Step | None = None        # set for the duration of one forward pass
+        self.step: Step | Decode | None = None   # set for the duration of one forward pass
         self.no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)   # a placeholder 4-D mask
         self.grow(capacity)
 
@@ -144,6 +159,8 @@ class SlotCache:
         return SlotKV(k, step), SlotKV(v, step)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        if isinstance(self.step, Decode):
+            return self.step.seen.shape[0]
         return max((p.length for p in self.step.parts), default=0) if self.step is not None else 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
@@ -161,6 +178,8 @@ def slot_attention(module: Any, query: torch.Tensor, key: Any, value: Any, atten
                                       **kwargs)
     window = kwargs.get("sliding_window")
     gqa = getattr(module, "num_key_value_groups", 1) > 1      # a plain bool (a shape test is symbolic under compile)
+    if isinstance(key.step, Decode):
+        return _decode_attention(key.step, query, key.buffer, value.buffer, scaling, window, gqa), None
     outs = [_part_attention(part, query[0, :, part.first:part.first + part.tokens], key.buffer, value.buffer,
                             scaling, window, gqa) for part in key.step.parts]
     return (outs[0] if len(outs) == 1 else torch.cat(outs))[None], None
@@ -185,6 +204,26 @@ def _part_attention(part: Part, query: torch.Tensor, keys: torch.Tensor, values:
         enable_gqa=gqa)
     out = out.transpose(1, 2).reshape(n * w, h, d)                        # [rows * width, heads, dim]
     return out if part.dest is None else out[part.dest]
+
+
+def _decode_attention(step: Decode, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      scaling: float | None, window: int | None, gqa: bool) -> torch.Tensor:
+    """The rows' queries [1, heads, rows, head dim], each over columns 0..column of its slot (under a sliding window,
+    the last ``window`` of them); [1, rows, heads, head dim]."""
+    n = step.seen.shape[0]
+    q = query.transpose(0, 2)                                                  # [rows, heads, 1, dim]
+    k = keys.index_select(0, step.slot)[:, :, :n]                              # [rows, kv heads, n, dim]
+    v = values.index_select(0, step.slot)[:, :, :n]
+    mask = None
+    if q.shape[0] > 1 or window is not None:      # one row reads exactly its columns: no mask (as eager)
+        col = torch.arange(n, device=k.device)
+        at = step.column[:, None]
+        mask = col <= at
+        if window is not None:
+            mask &= col > at - window
+        mask = mask[:, None, None]                                             # [rows, 1, 1, n]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    return out.permute(2, 0, 1, 3)
 
 
 ATTENTION_LAYERS = {"full_attention", "sliding_attention"}

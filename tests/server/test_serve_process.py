@@ -1,5 +1,6 @@
 """A real ``cai serve`` process: a client that goes away frees its slot (stream, plain request, revise), SIGTERM
-finishes the stream in flight and exits 0, and bad settings exit 2 before any model loads."""
+finishes the stream in flight and exits 0, bad settings exit 2 before any model loads, and ``--compile --quantize
+int4`` serves, as /health says."""
 
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def test_sigterm_finishes_the_stream_in_flight_refuses_new_work_and_exits_0(file
     (["--constitution", "/no/such.yaml"], "no such file"),
     (["--api-key-file", "/no/keys.txt"], "cannot read the API key file"),
     (["--max-n", "0"], "max-n must be at least 1"),
+    (["--quantize", "int4", "--dtype", "float32"], "--quantize int4 serves on the CPU in bfloat16"),
+    (["--quantize", "int4", "--device", "cuda"], "cannot go with --device cuda"),
 ])
 def test_cai_serve_refuses_bad_settings_with_exit_2(files, args, message):
     base = ["--model", str(files["model"]), "--constitution", str(files["constitutions"])]
@@ -123,6 +126,19 @@ def test_cai_serve_refuses_bad_settings_with_exit_2(files, args, message):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cai_serve_compile_and_int4_serve_what_health_says(files):
+    server = Served(files, "--compile", "--quantize", "int4")
+    try:
+        health = httpx.get(server.url + "/health", timeout=5).json()
+        assert health["status"] == "ok", server.output()
+        assert (health["compiled"], health["quantize"], health["dtype"]) == (["base"], "int4", "bfloat16")
+        r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=60,
+                       json={"model": "base", "messages": HI, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+    finally:
+        server.stop()
 
 
 def test_cai_serve_review_serves_the_page_beside_the_model(served):

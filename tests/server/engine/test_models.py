@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from fixtures.engine_fixtures import GREEDY, Reference
+from fixtures.engine_fixtures import GREEDY, Reference, lora_adapter
 
 from cai.core.errors import ModelError
 from server.engine import (
@@ -16,27 +15,11 @@ from conftest import LONG, MEDIUM
 pytest_plugins = ["fixtures.engine_fixtures"]     # make_engine, engine, reference
 
 
-def _lora_adapter(model_dir, out, seed: int):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                               task_type="CAUSAL_LM"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:                             # B starts at zero (a no-op adapter): make it act
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    peft_model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {"sft": _lora_adapter(tiny_model_dir, root / "sft", 1),
-            "dpo": _lora_adapter(tiny_model_dir, root / "dpo", 2)}
+    return {"sft": lora_adapter(tiny_model_dir, root / "sft", 1),
+            "dpo": lora_adapter(tiny_model_dir, root / "dpo", 2)}
 
 
 def test_adapters_are_served_beside_the_base_model(make_engine, adapter_dirs, tiny_model_dir, reference):

@@ -168,6 +168,7 @@ def test_schemathesis_finds_no_server_error_but_the_upstreams(files):
     (["--upstream-model", "m"], "goes with --upstream"),
     (["--upstream", "ftp://127.0.0.1/v1", "--upstream-model", "m"], "http:// or https://"),
     (["--upstream", "http://127.0.0.1:9/v1", "--upstream-model", "m", "--adapter", "a"], "cannot go with"),
+    (["--upstream", "http://127.0.0.1:9/v1", "--upstream-model", "m", "--compile"], "--compile cannot go with"),
     (["--upstream", "http://127.0.0.1:9/v1", "--upstream-model", "m", "--upstream-timeout", "0"], "positive"),
 ])
 def test_bad_gateway_settings_exit_2(files, args, message):

@@ -1,0 +1,123 @@
+"""The decode step, compiled (``cai serve --compile``): every step in which all rows decode, one row (what a single
+client waits on, token after token) or many.
+
+Why. A decode step of a small model is mostly not arithmetic: the default model's eager step runs ~500 small operators
+through Python and PyTorch's dispatcher (30 layers of norms, rotary embeddings, projections and attention), and at
+one row their overhead costs as much as reading the weights. ``torch.compile`` (Inductor: C++ kernels that fuse the
+element-wise work around each matrix product; on a GPU, Triton kernels) turns the step into one call. On the 2-core
+CPU it made a one-row bf16 step ~1.4× and a 16-row step ~1.3× faster (``bench/decode.py``); with ``--quantize int4``
+the one-row step reads 4-bit weights too (``cai/inference/int4.py``).
+
+Shape. A compiled graph must see the same shapes each step, so this step does not go through :class:`slots.Step`'s
+per-step parts: it is a :class:`~server.engine.slots.Decode` (each row's slot and column as tensors, the columns read
+as a dynamic dimension), and the rows' count is dynamic from two rows. So two graphs per model (one row; two rows or
+more) serve every pure decode step, whatever the lengths and however the cache grows (its capacity is dynamic too).
+Steps that prefill (a prompt, or a chunk of one joining a running wave) run eagerly as before: their token counts
+change from step to step, and prefill is arithmetic more than overhead.
+
+When. Both graphs of every model served (the base and each adapter) are compiled before the engine serves
+(:meth:`CompiledDecode.warm`), so no request waits on the compiler. Inductor keeps what it compiled in its on-disk
+cache: the first start of the default model spends ~1.5 min compiling on 2 cores, later starts seconds.
+
+Numerics. The same operators in the same dtypes, fused, so sums may round differently; in bf16 Inductor is told to
+round where eager rounds (``emulate_precision_casts``). Tests compare its greedy tokens with ``generate``'s.
+
+torch is imported when an engine is built with ``compile=True``, never at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cai.core.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+class CompiledDecode:
+    """``step(tokens, slots, columns)`` -> next-token logits [rows, vocab] float32 of rows that each decode one token,
+    their keys/values written into the slot cache, through a compiled forward pass of ``model`` (the model, or the
+    PEFT model with the wave's adapter set)."""
+
+    def __init__(self, model: Any, cache: Any, cache_argument: str, device: str):
+        import torch
+
+        configure()
+        self._model, self._cache, self._argument, self.device = model, cache, cache_argument, device
+        self._compiled = torch.compile(self._forward)
+        self.compiled_models: list[str] = []
+
+    def _forward(self, ids: Any, slot: Any, column: Any, seen: Any) -> Any:
+        from server.engine.slots import Decode
+
+        cache = self._cache
+        cache.step = Decode(slot, column, seen)
+        try:
+            out = self._model(input_ids=ids, attention_mask=cache.no_mask, position_ids=column[None], use_cache=True,
+                              **{self._argument: cache})
+        finally:
+            cache.step = None
+        return out.logits[0].float()
+
+    def step(self, tokens: list[int], slots: list[int], columns: list[int]) -> Any:
+        import torch
+
+        last = max(columns)
+        # capacity > last + 1 always: a length equal to the capacity is a case the graph would compile again for
+        self._cache.grow(last + 2)
+        device = self.device
+        ids = torch.tensor([tokens], device=device)
+        slot = torch.tensor(slots, device=device)
+        column = torch.tensor(columns, device=device)
+        seen = torch.empty(last + 1, device=device)
+        self._mark_dynamic(ids, slot, column, seen)
+        return self._compiled(ids, slot, column, seen)
+
+    def _mark_dynamic(self, ids: Any, slot: Any, column: Any, seen: Any) -> None:
+        """Dimensions the graph keeps symbolic: the columns read, the rows (from 2: one row is its own graph), and
+        every key/value buffer's capacity (the cache may grow). Later inputs of other sizes pass its guards."""
+        import torch
+
+        mark = torch._dynamo.mark_dynamic
+        mark(seen, 0)
+        if len(slot) > 1:
+            mark(ids, 1)
+            mark(slot, 0)
+            mark(column, 0)
+        for buffer in (*self._cache.keys, *self._cache.values):
+            if not getattr(buffer, "_cai_dynamic", False):
+                mark(buffer, 2)
+                buffer._cai_dynamic = True
+
+    def warm(self, name: str) -> float:
+        """Compile both graphs of the model set up now (``name`` is for the log and the error): one row, then two,
+        written into columns 2 and 3 of slots 0 and 1 (which the next rows to take those slots overwrite; columns
+        0 and 1 would be sizes the compiler takes as constants). Seconds it took; a ModelError if it cannot compile."""
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            self.step([0], [0], [2])
+            if self._cache.slots > 1:
+                self.step([0, 0], [0, 1], [2, 3])
+        except Exception as e:     # no C++ compiler, an operator Inductor cannot lower, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelError(f"--compile: the decode step of {name!r} did not compile: {first[:300]}",
+                             hint="Serve without --compile (it needs a C++ compiler on a CPU; a GPU needs Triton)."
+                             ) from None
+        self.compiled_models.append(name)
+        seconds = time.perf_counter() - t0
+        log.info("compiled the decode step of %s in %.1f s", name, seconds)
+        return seconds
+
+
+def configure() -> None:
+    """Process-wide compiler settings this step relies on."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    inductor.emulate_precision_casts = True          # bf16: round where eager rounds (the same tokens)
+    # two graphs per served model (base, each adapter), told apart by guards on the rows and the active adapter
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256)

@@ -1,0 +1,97 @@
+"""The compiled decode step (``Engine(compile=True)``, ``cai serve --compile``) on the tiny model: every pure decode
+step goes through it, one row or many, and gives transformers' ``generate`` tokens in fp32 (past the cache's first
+capacity too) and the eager engine's tokens in bf16; nothing compiles while it serves; adapters get graphs of their
+own; a step that cannot compile is a clear model error before anything is served."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures.engine_fixtures import CONVERSATIONS, GREEDY, Reference, lora_adapter
+
+from cai.core.errors import ModelError
+from server.engine import Engine, GenParams
+from server.engine.compiled import CompiledDecode
+
+from conftest import LONG, MEDIUM, SHORT
+
+pytest_plugins = ["fixtures.engine_fixtures"]     # make_engine, engine, reference
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _spy(monkeypatch) -> list[int]:
+    """Rows of every compiled step."""
+    rows: list[int] = []
+    step = CompiledDecode.step
+
+    def spy(self, tokens, slots, columns):
+        rows.append(len(tokens))
+        return step(self, tokens, slots, columns)
+
+    monkeypatch.setattr(CompiledDecode, "step", spy)
+    return rows
+
+
+def _answers(engine: Engine, model: str = "base", lengths=(24, 31, 38, 45)):
+    """Every conversation at once (rows of a wave decoding together, ending at different steps)."""
+    asks = [(conv, n) for conv, n in zip(CONVERSATIONS, lengths)]
+    handles = [engine.submit(model, conv, GenParams(max_tokens=n, temperature=0.0)) for conv, n in asks]
+    return asks, [h.result(120) for h in handles]
+
+
+def test_compiled_decode_steps_give_generate_tokens_in_fp32(make_engine, reference, monkeypatch):
+    e = make_engine(max_batch=8, compile=True)
+    assert e.compiled == ["base"]
+    rows = _spy(monkeypatch)
+    before = _graphs()
+    asks, done = _answers(e)
+    for (conv, n), d in zip(asks, done):
+        assert (d.text, d.completion_tokens, d.finish_reason) == reference.greedy(conv, n)
+    # one request alone, past the cache's first capacity (256 columns: the cache grows under the graph)
+    long = e.submit("base", SHORT, GenParams(max_tokens=300, temperature=0.0)).result(120)
+    assert (long.text, long.completion_tokens, long.finish_reason) == reference.greedy(SHORT, 300)
+    assert 1 in rows and max(rows) == len(CONVERSATIONS)    # one row and many went through the graphs
+    assert _graphs() == before                              # ... compiled before serving, never while
+
+
+def test_compiled_decode_steps_give_the_eager_tokens_in_bf16(make_engine, tiny_model_dir):
+    compiled = make_engine(max_batch=8, compile=True, dtype="bfloat16")
+    eager = make_engine(max_batch=8, dtype="bfloat16")
+    _, a = _answers(compiled)
+    _, b = _answers(eager)
+    assert [(d.text, d.completion_tokens) for d in a] == [(d.text, d.completion_tokens) for d in b]
+    one = compiled.submit("base", MEDIUM, GenParams(max_tokens=120, temperature=0.0)).result(120)
+    assert (one.text, one.completion_tokens, one.finish_reason) == \
+        Reference(tiny_model_dir, dtype=torch.bfloat16).greedy(MEDIUM, 120)
+
+
+def test_each_adapter_has_its_own_compiled_graphs(make_engine, tiny_model_dir, tmp_path, reference):
+    adapter = lora_adapter(tiny_model_dir, tmp_path / "sft", 1)
+    e = make_engine(start=False, adapters={"sft": str(adapter)}, compile=True)
+    assert e.compiled == ["base", "sft"]
+    before = _graphs()
+    order = [("base", MEDIUM), ("sft", MEDIUM), ("sft", LONG), ("base", LONG)]
+    handles = [e.submit(name, conv, GREEDY) for name, conv in order]
+    e.start()
+    texts = [h.result(60).text for h in handles]
+    refs = {"base": reference, "sft": Reference(tiny_model_dir, adapter)}
+    for (name, conv), text in zip(order, texts):
+        assert text == refs[name].greedy(conv, GREEDY.max_tokens)[0], name
+    assert texts[0] != texts[1]                             # the adapter's graph is not the base's
+    assert _graphs() == before
+
+
+def test_a_step_that_cannot_compile_is_a_model_error_before_serving(tiny_model_dir, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: no working C++ compiler found\nmore lines")
+
+    monkeypatch.setattr(CompiledDecode, "_forward", broken)
+    with pytest.raises(ModelError, match=r"--compile: the decode step of 'base' did not compile: .*C\+\+ compiler") \
+            as caught:
+        Engine(str(tiny_model_dir), device="cpu", compile=True)
+    assert "without --compile" in caught.value.hint
