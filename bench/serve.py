@@ -4,10 +4,13 @@
 What is measured, on the default model (SmolLM2-135M-Instruct, converted into a local folder by
 `cai.inference.loading.resolve_model("default")`), on this machine's CPU:
 
-- up to four arms, each in its own server subprocess; all are started first, then measured one after another (never
+- up to six arms, each in its own server subprocess; all are started first, then measured one after another (never
   concurrently; an idle server takes no CPU), ``--runs`` times in turn, so that the arms of one run see the same
   machine:
   * ``ours``        `cai serve --model default` (batched, default --max-batch 16)
+  * ``ours-compiled``  `cai serve --model default --compile` (every pure decode step through a compiled graph)
+  * ``ours-fast``   `cai serve --model default --compile --quantize int4` (and steps of up to 4 rows on 4-bit
+                    weights: the GGUF's own Q4_1 integers, which llama.cpp computes with too), always bf16
   * ``ours-unbatched``  `cai serve --model default --max-batch 1`
   * ``peer``        `transformers serve --continuous-batching --device cpu <model folder>` (the model folder is
                     the pinned model, and is also the `model` named in requests)
@@ -216,8 +219,9 @@ def percentile(sorted_xs: list[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
 
 
-ARMS = ["ours", "ours-fast", "ours-unbatched", "peer", "llama.cpp"]
-FAST = ["--compile", "--quantize", "int4"]      # the ours-fast arm: `cai serve --compile --quantize int4`
+ARMS = ["ours", "ours-compiled", "ours-fast", "ours-unbatched", "peer", "llama.cpp"]
+OURS = {"ours": [], "ours-compiled": ["--compile"], "ours-fast": ["--compile", "--quantize", "int4"],
+        "ours-unbatched": ["--max-batch", "1"]}    # each arm's flags of `cai serve`
 LLAMA_CPP = Path(os.environ.get("CAI_LLAMA_CPP") or Path.home() / ".cache" / "cai" / "llama.cpp")
 LLAMA_SERVER = LLAMA_CPP / "bin" / "llama-server"       # where bench/build_llama_server.sh puts it
 
@@ -266,10 +270,9 @@ def main() -> int:
 
     def make(arm: str) -> Server:
         port = free_port()
-        if arm in ("ours", "ours-fast", "ours-unbatched"):
+        if arm in OURS:
             argv = [cai_bin, "serve", "--model", "default", "--port", str(port),
-                    "--dtype", "bfloat16" if arm == "ours-fast" else dtype]
-            argv += ["--max-batch", "1"] if arm == "ours-unbatched" else FAST if arm == "ours-fast" else []
+                    "--dtype", "bfloat16" if arm == "ours-fast" else dtype, *OURS[arm]]
             return Server(arm, argv + args.serve_args, port, "base", logdir)
         if arm == "llama.cpp":
             threads = str(os.cpu_count() or 1)
@@ -346,7 +349,7 @@ def report(args: argparse.Namespace, arms: list[str], runs: dict[str, list[dict]
     def per_run(a: str, ka: str, b: str, kb: str) -> list[float]:
         return [ra[ka] / rb[kb] for ra, rb in zip(runs[a], runs[b])]
 
-    for ours in ("ours", "ours-fast"):
+    for ours in ("ours", "ours-compiled", "ours-fast"):
         if ok(ours) and ok("peer"):
             ratio(f"{ours} / peer (tok/s)", per_run(ours, "tok_s", "peer", "tok_s"), ">=", 2)
         if ok(ours) and ok("ours-unbatched"):

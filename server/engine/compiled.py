@@ -5,17 +5,18 @@ Why. A decode step of a small model is mostly not arithmetic: the default model'
 through Python and PyTorch's dispatcher (30 layers of norms, rotary embeddings, projections and attention), and at
 one row their overhead costs as much as reading the weights. ``torch.compile`` (Inductor: C++ kernels that fuse the
 element-wise work around each matrix product; on a GPU, Triton kernels) turns the step into one call. On the 2-core
-CPU it made a one-row bf16 step ~1.4× and a 16-row step ~1.3× faster (``bench/decode.py``); with ``--quantize int4``
-the one-row step reads 4-bit weights too (``cai/inference/int4.py``).
+CPU it made a one-row bf16 step 1.26× and a 16-row step 1.36× faster; with ``--quantize int4`` (4-bit weights for
+steps of a few rows, ``cai/inference/int4.py``) the one-row step was 2.9× faster than eager bf16 (``bench/decode.py``).
 
 Shape. A compiled graph must see the same shapes each step, so this step does not go through :class:`slots.Step`'s
 per-step parts: it is a :class:`~server.engine.slots.Decode` (each row's slot and column as tensors, the columns read
 as a dynamic dimension), and the rows' count is dynamic from two rows. So two graphs per model (one row; two rows or
-more) serve every pure decode step, whatever the lengths and however the cache grows (its capacity is dynamic too).
+more; with ``--quantize int4`` three: its layers change path at 4 rows) serve every pure decode step, whatever the
+lengths and however the cache grows (its capacity is dynamic too).
 Steps that prefill (a prompt, or a chunk of one joining a running wave) run eagerly as before: their token counts
 change from step to step, and prefill is arithmetic more than overhead.
 
-When. Both graphs of every model served (the base and each adapter) are compiled before the engine serves
+When. The graphs of every model served (the base and each adapter) are compiled before the engine serves
 (:meth:`CompiledDecode.warm`), so no request waits on the compiler. Inductor keeps what it compiled in its on-disk
 cache: the first start of the default model spends ~1.5 min compiling on 2 cores, later starts seconds.
 
@@ -91,16 +92,17 @@ class CompiledDecode:
                 buffer._cai_dynamic = True
 
     def warm(self, name: str) -> float:
-        """Compile both graphs of the model set up now (``name`` is for the log and the error): one row, then two,
-        written into columns 2 and 3 of slots 0 and 1 (which the next rows to take those slots overwrite; columns
-        0 and 1 would be sizes the compiler takes as constants). Seconds it took; a ModelError if it cannot compile."""
+        """Compile the graphs of the model set up now (``name`` is for the log and the error): steps of one row, of
+        two, and of every slot, written from column 2 of slots 0, 1, ... (which the next rows to take those slots
+        overwrite; columns 0 and 1 would be sizes the compiler takes as constants). Two rows and every slot are one
+        graph unless the model branches on its rows (``--quantize int4``'s layers do, at 4 rows: a graph each side).
+        Seconds it took; a ModelError if it cannot compile."""
         import time
 
         t0 = time.perf_counter()
         try:
-            self.step([0], [0], [2])
-            if self._cache.slots > 1:
-                self.step([0, 0], [0, 1], [2, 3])
+            for rows in sorted({1, min(2, self._cache.slots), self._cache.slots}):
+                self.step([0] * rows, list(range(rows)), [2 + i for i in range(rows)])
         except Exception as e:     # no C++ compiler, an operator Inductor cannot lower, ...
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelError(f"--compile: the decode step of {name!r} did not compile: {first[:300]}",

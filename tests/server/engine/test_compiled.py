@@ -86,6 +86,19 @@ def test_each_adapter_has_its_own_compiled_graphs(make_engine, tiny_model_dir, t
     assert _graphs() == before
 
 
+def test_4_bit_layers_get_a_graph_each_side_of_their_row_limit(make_engine):
+    compiled = make_engine(max_batch=8, compile=True, quantize="int4")
+    eager = make_engine(max_batch=8, quantize="int4")
+    before = _graphs()
+    for rows in (1, 3, 8):                                  # the 4-bit path (<= 4 rows), then the bf16 weights
+        asks = [(CONVERSATIONS[i % len(CONVERSATIONS)], 20 + i) for i in range(rows)]
+        for engine, out in ((compiled, a := []), (eager, b := [])):
+            handles = [engine.submit("base", conv, GenParams(max_tokens=n, temperature=0.0)) for conv, n in asks]
+            out += [h.result(120).text for h in handles]
+        assert a == b, rows
+    assert _graphs() == before
+
+
 def test_a_step_that_cannot_compile_is_a_model_error_before_serving(tiny_model_dir, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("InductorError: no working C++ compiler found\nmore lines")
