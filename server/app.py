@@ -60,7 +60,7 @@ def load_engine(settings: Settings) -> tuple[Any, dict[str, dict | None]]:
     manifests = {name: check_adapter(name, folder, model_id) for name, folder in settings.adapters.items()}
     engine = Engine(settings.model, dict(settings.adapters), device=settings.device, dtype=settings.dtype,
                     max_batch=settings.max_batch, queue_size=settings.queue_size, base_name=settings.base_name,
-                    compile=settings.compile, quantize=settings.quantize)
+                    compile=settings.compile or False, quantize=settings.quantize)
     return engine, manifests
 
 

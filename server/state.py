@@ -118,6 +118,7 @@ class ServerState:
         if self.engine.error or not self.engine.running:
             return 503, Health(status="failed", error=self.engine.error or "the inference worker is not running")
         return 200, Health(status="ok", models=self.engine.model_names, device=self.engine.device,
-                           dtype=self.engine.dtype, compiled=self.engine.compiled or None,
+                           dtype=self.engine.dtype, compile=self.engine.compile_mode,
+                           compiled=self.engine.compiled or None,
                            quantize=self.engine.quantize, queue_depth=self.engine.queue_depth,
                            in_flight=self.engine.in_flight)

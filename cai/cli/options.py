@@ -23,12 +23,12 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_KEYS = {"help", "flag", "short", "choices", "metavar", "positional", "nargs", "required"}
+_KEYS = {"help", "flag", "short", "choices", "metavar", "positional", "nargs", "const", "required"}
 
 
 def option(default: Any = None, help: str | None = None, **meta: Any) -> Any:
     """A dataclass field that is also a command-line option; ``meta`` keys: flag, short, choices, metavar,
-    positional, nargs, required."""
+    positional, nargs, const, required."""
     unknown = set(meta) - _KEYS
     if unknown:
         raise TypeError(f"unknown option metadata: {sorted(unknown)}")
@@ -68,7 +68,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "",
         kind, many = _base_type(hints[f.name])
         default = defaults[f.name] if f.name in defaults else _default(f)
         kw: dict[str, Any] = {"help": meta["help"], "default": default}
-        for key in ("choices", "metavar", "nargs", "required"):
+        for key in ("choices", "metavar", "nargs", "const", "required"):
             if key in meta:
                 kw[key] = meta[key]
         if kind is bool:

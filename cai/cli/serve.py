@@ -46,9 +46,12 @@ class ServeArgs:
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
     dtype: str = option("auto", "weights' dtype (auto: bfloat16 on a GPU or CPU with bf16 in hardware, AVX512-BF16 "
                                 "or AMX, else float32; default: %(default)s)", choices=DTYPES)
-    compile: bool = option(False, "compile the one-row decode step (what a single client waits on per token) of every "
-                                  "model before serving: ~45 s per model the first time on 2 CPU cores, seconds "
-                                  "once cached; needs a C++ compiler on a CPU")
+    compile: str | None = option(None, "compile every model's decode step before serving: default (the same tokens "
+                                       "as without; ~25 s a model once cached, ~1.5 min the first time, on 2 CPU "
+                                       "cores) or max-autotune (weights frozen in, the fastest kernels timed and "
+                                       "kept: faster, tokens may differ slightly, ~4 min at every start); needs a "
+                                       "C++ compiler on a CPU", nargs="?", const="default",
+                                 choices=["default", "max-autotune"], metavar="MODE")
     quantize: str | None = option(None, "int4: decode steps of a few rows read 4-bit copies of the weights (groups of "
                                         "32; the default model's own Q4_1 weights), on a CPU in bfloat16; prefills "
                                         "and wide batches keep the bf16 weights", choices=["int4"])
@@ -158,7 +161,8 @@ def _gateway(a: ServeArgs, ns: argparse.Namespace, limits, keys: dict[str, str |
     err = console(stderr=True)
     local = [flag for flag, given in [("--model", a.model != "default"), ("--adapter", bool(a.adapter)),
                                       ("--device", a.device is not None), ("--dtype", a.dtype != "auto"),
-                                      ("--compile", a.compile), ("--quantize", a.quantize is not None)] if given]
+                                      ("--compile", a.compile is not None),
+                                      ("--quantize", a.quantize is not None)] if given]
     if local:
         raise CaiError(f"{', '.join(local)} cannot go with --upstream: in gateway mode the upstreams serve the model",
                        hint="Leave them out, or leave out --upstream to serve a model here.")

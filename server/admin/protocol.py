@@ -29,15 +29,16 @@ class Health(Wire):
     """``/health``: ``status`` is ok, loading, failed or draining; the engine's facts come with ok, ``error`` with
     failed. In gateway mode: ``upstreams`` (ok while one of them answers)."""
 
-    omit_none = ("error", "models", "device", "dtype", "compiled", "quantize", "queue_depth", "in_flight",
-                 "upstreams")
+    omit_none = ("error", "models", "device", "dtype", "compile", "compiled", "quantize", "queue_depth",
+                 "in_flight", "upstreams")
 
     status: Literal["ok", "loading", "failed", "draining"]
     error: str | None = None
     models: list[str] | None = None
     device: str | None = None
     dtype: str | None = None
-    compiled: list[str] | None = None    # models whose one-row decode step is compiled (--compile)
+    compile: str | None = None           # how the decode step is compiled (--compile MODE)
+    compiled: list[str] | None = None    # the models whose decode step is compiled
     quantize: str | None = None          # "int4" (--quantize)
     queue_depth: int | None = None
     in_flight: int | None = None

@@ -6,7 +6,8 @@ through Python and PyTorch's dispatcher (30 layers of norms, rotary embeddings, 
 one row their overhead costs as much as reading the weights. ``torch.compile`` (Inductor: C++ kernels that fuse the
 element-wise work around each matrix product; on a GPU, Triton kernels) turns the step into one call. On the 2-core
 CPU it made a one-row bf16 step 1.26× and a 16-row step 1.36× faster; with ``--quantize int4`` (4-bit weights for
-steps of a few rows, ``cai/inference/int4.py``) the one-row step was 2.9× faster than eager bf16 (``bench/decode.py``).
+steps of a few rows, ``cai/inference/cpu_linear.py``) the one-row step was 2.9× faster than eager bf16
+(``bench/decode.py``).
 
 Shape. A compiled graph must see the same shapes each step, so this step does not go through :class:`slots.Step`'s
 per-step parts: it is a :class:`~server.engine.slots.Decode` (each row's slot and column as tensors, the columns read
@@ -41,12 +42,14 @@ class CompiledDecode:
     their keys/values written into the slot cache, through a compiled forward pass of ``model`` (the model, or the
     PEFT model with the wave's adapter set)."""
 
-    def __init__(self, model: Any, cache: Any, cache_argument: str, device: str):
+    def __init__(self, model: Any, cache: Any, cache_argument: str, device: str, mode: str = "default"):
         import torch
 
+        if mode not in MODES:
+            raise ModelError(f"unknown compile mode {mode!r}: one of {', '.join(MODES)}")
         configure()
-        self._model, self._cache, self._argument, self.device = model, cache, cache_argument, device
-        self._compiled = torch.compile(self._forward)
+        self._model, self._cache, self._argument, self.device, self.mode = model, cache, cache_argument, device, mode
+        self._compiled = torch.compile(_own_code(self._forward))
         self.compiled_models: list[str] = []
 
     def _forward(self, ids: Any, slot: Any, column: Any, seen: Any) -> Any:
@@ -99,27 +102,59 @@ class CompiledDecode:
         Seconds it took; a ModelError if it cannot compile."""
         import time
 
+        import torch._inductor.config as inductor
+
         t0 = time.perf_counter()
         try:
-            for rows in sorted({1, min(2, self._cache.slots), self._cache.slots}):
-                self.step([0] * rows, list(range(rows)), [2 + i for i in range(rows)])
+            # the mode's settings hold while its graphs compile (torch.compile's options= does not reach freezing)
+            with inductor.patch(settings(self.mode, self.device)):
+                for rows in sorted({1, min(2, self._cache.slots), self._cache.slots}):
+                    self.step([0] * rows, list(range(rows)), [2 + i for i in range(rows)])
         except Exception as e:     # no C++ compiler, an operator Inductor cannot lower, ...
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelError(f"--compile: the decode step of {name!r} did not compile: {first[:300]}",
                              hint="Serve without --compile (it needs a C++ compiler on a CPU; a GPU needs Triton)."
                              ) from None
-        self.compiled_models.append(name)
+        if name not in self.compiled_models:
+            self.compiled_models.append(name)
         seconds = time.perf_counter() - t0
         log.info("compiled the decode step of %s in %.1f s", name, seconds)
         return seconds
 
 
+MODES = ("default", "max-autotune")
+
+
+def _own_code(method: Any) -> Any:
+    """``method`` with a code object of its own. Dynamo keeps compiled graphs per code object and tells them apart by
+    guards on the inputs' shapes and types, not on which model's weights they are: a second engine of the same
+    architecture in this process would run the first one's graphs, and with ``max-autotune`` those hold the first
+    model's weights as constants. A fresh code object gives each engine its own graphs (the on-disk cache still
+    serves identical ones)."""
+    import types
+
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
+def settings(mode: str, device: str) -> dict[str, Any]:
+    """Inductor's settings for a mode. ``default``: fused kernels around the same matrix products (greedy tokens equal
+    the eager engine's). ``max-autotune``: the weights frozen into the graph as constants (prepacked for oneDNN) and
+    each matrix product timed against Inductor's own C++ kernels (AMX or AVX-512 micro-kernels; Triton on a GPU),
+    the fastest kept: faster, but its sums round otherwise (tokens may differ from the eager engine's, as bf16's do
+    from fp32's), and a graph with prepacked weights is not kept in the on-disk cache, so every start compiles it."""
+    opts: dict[str, Any] = {"emulate_precision_casts": True}     # bf16: round where eager rounds
+    if mode == "max-autotune":
+        opts |= {"freezing": True, "max_autotune": True,
+                 "max_autotune_gemm_backends": "TRITON,ATEN" if device.startswith("cuda") else "CPP,ATEN"}
+    return opts
+
+
 def configure() -> None:
     """Process-wide compiler settings this step relies on."""
     import torch._dynamo
-    import torch._inductor.config as inductor
 
-    inductor.emulate_precision_casts = True          # bf16: round where eager rounds (the same tokens)
     # two graphs per served model (base, each adapter), told apart by guards on the rows and the active adapter
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256)

@@ -62,8 +62,8 @@ class Engine:
     def __init__(self, model: str | None = "default", adapters: dict[str, str] | None = None, *,
                  device: str | None = None, max_batch: int = 16, queue_size: int = 64,
                  batch_window_s: float = 0.005, base_name: str = "base", dtype: str | None = None,
-                 continuous: bool = True, prefill_chunk: int = 64, compile: bool = False,
-                 quantize: str | None = None):
+                 continuous: bool = True, prefill_chunk: int = 64, compile: bool | str = False,
+                 quantize: str | None = None, prepack: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -78,7 +78,10 @@ class Engine:
         self.prefill_chunk = prefill_chunk      # prompt tokens a decode step takes in (rows joining a running wave)
         if quantize == "int4" and dtype in (None, "auto"):
             dtype = "bfloat16"                  # the int4 kernel takes bf16 activations, whatever the CPU
-        served = load_models(model, dict(adapters or {}), device, dtype, base_name, quantize)
+        mode = "default" if compile is True else compile or None       # the compile mode (compiled.py), or None
+        # max-autotune freezes the weights and prepacks them itself (its own kernels need the plain ones)
+        served = load_models(model, dict(adapters or {}), device, dtype, base_name, quantize,
+                             prepack and mode != "max-autotune")
         base = served.base
         self.quantize = quantize if served.quantized_layers else None   # "int4": narrow inputs take 4-bit weights
         self.tokenizer, self.device = base.tokenizer, base.device
@@ -109,9 +112,10 @@ class Engine:
         # with: its keys/values are computed once per model and copied into each prefill instead of recomputed
         self.head: tuple[int, ...] = self._template_head()
         self._head = TemplateHead(self.head, self._lm.config, self.device)
+        self.compile_mode: str | None = mode      # default | max-autotune | None: how the decode step is compiled
         self._compiled: Any = None              # the compiled decode step (compiled.py), with compile=True
-        if compile:
-            self._compile()
+        if mode is not None:
+            self._compile(mode)
 
     # -- facts -------------------------------------------------------------------------------------------------
 
@@ -349,17 +353,21 @@ class Engine:
             budget = min(self.prefill_chunk, self.MAX_STEP_TOKENS) if batch.decoding else self.MAX_STEP_TOKENS
             self._advance(batch, *batch.step(budget))
 
-    def _compile(self) -> None:
+    def _compile(self, mode: str) -> None:
         """Compile the decode step of every model served, before any request (see compiled.py)."""
         import torch
 
         from server.engine.compiled import CompiledDecode
 
         with torch.inference_mode():     # as the worker runs (a tensor made outside it is another kind of input)
-            self._compiled = CompiledDecode(self._model, self._slot_cache(), self._cache_argument, self.device)
-            for name in self.model_names:
-                with use_model(self._peft, name, self.base_name):
-                    self._compiled.warm(name)
+            self._compiled = CompiledDecode(self._model, self._slot_cache(), self._cache_argument, self.device,
+                                            mode)
+            # twice round: switching adapters leaves state (PEFT's flags) that the first model's guards saw
+            # otherwise, so the second round compiles what serving after a switch would
+            for _ in range(2 if len(self.model_names) > 1 else 1):
+                for name in self.model_names:
+                    with use_model(self._peft, name, self.base_name):
+                        self._compiled.warm(name)
 
     def _slot_cache(self) -> Any:
         """The KV cache of every wave: max_batch slots, allocated on first use and kept (see slots.py)."""

@@ -26,6 +26,7 @@ class ServedModels:
     peft: Any = None             # the PeftModel holding every adapter (None without adapters)
     adapters: dict[str, str] = field(default_factory=dict)   # adapter name -> its folder (resolved)
     quantized_layers: int = 0    # linear layers with a 4-bit copy (--quantize int4)
+    packed_layers: int = 0       # linear layers whose bf16 weight is prepacked for oneDNN (bf16 on a CPU)
 
     @property
     def forward_model(self) -> Any:
@@ -34,16 +35,20 @@ class ServedModels:
 
 
 def load_models(model: str | None, adapters: dict[str, str], device: str | None, dtype: str | None,
-                base_name: str, quantize: str | None = None) -> ServedModels:
-    """Load the base model and every adapter (blocking; raises ModelError). ``quantize="int4"``: the base model's
-    linear layers get a 4-bit copy for narrow inputs (:mod:`cai.inference.int4`), before the adapters wrap them."""
+                base_name: str, quantize: str | None = None, prepack: bool = True) -> ServedModels:
+    """Load the base model and every adapter (blocking; raises ModelError). The base model's linear layers, before
+    the adapters wrap them (:mod:`cai.inference.cpu_linear`): in bf16 on a CPU, their weights prepacked for oneDNN
+    (the same products, faster; ``prepack=False``: not); with ``quantize="int4"``, a 4-bit copy for narrow inputs
+    too."""
+    from cai.inference import cpu_linear
+
+    if quantize not in (None, "int4"):
+        raise ModelError(f"unknown quantization {quantize!r}: the one there is is 'int4'")
     served = ServedModels(load_chat_model(model, device, dtype))
     if quantize == "int4":
-        from cai.inference.int4 import quantize_int4
-
-        served.quantized_layers = quantize_int4(served.base.lm)
-    elif quantize is not None:
-        raise ModelError(f"unknown quantization {quantize!r}: the one there is is 'int4'")
+        served.quantized_layers = cpu_linear.quantize_int4(served.base.lm)
+    if prepack:
+        served.packed_layers = cpu_linear.prepack(served.base.lm)
     for name, folder in adapters.items():
         _load_adapter(served, name, folder, base_name)
     if served.peft is not None:

@@ -133,7 +133,8 @@ def test_cai_serve_compile_and_int4_serve_what_health_says(files):
     try:
         health = httpx.get(server.url + "/health", timeout=5).json()
         assert health["status"] == "ok", server.output()
-        assert (health["compiled"], health["quantize"], health["dtype"]) == (["base"], "int4", "bfloat16")
+        assert (health["compile"], health["compiled"], health["quantize"], health["dtype"]) == \
+            ("default", ["base"], "int4", "bfloat16")
         r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=60,
                        json={"model": "base", "messages": HI, "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0

@@ -1,7 +1,8 @@
 """The compiled decode step (``Engine(compile=True)``, ``cai serve --compile``) on the tiny model: every pure decode
 step goes through it, one row or many, and gives transformers' ``generate`` tokens in fp32 (past the cache's first
-capacity too) and the eager engine's tokens in bf16; nothing compiles while it serves; adapters get graphs of their
-own; a step that cannot compile is a clear model error before anything is served."""
+capacity too, and with ``max-autotune``'s frozen weights and timed kernels) and the eager engine's tokens in bf16;
+nothing compiles while it serves; adapters get graphs of their own, 4-bit layers one each side of their row limit;
+a step that cannot compile, or an unknown mode, is a clear model error before anything is served."""
 
 from __future__ import annotations
 
@@ -59,6 +60,40 @@ def test_compiled_decode_steps_give_generate_tokens_in_fp32(make_engine, referen
     assert _graphs() == before                              # ... compiled before serving, never while
 
 
+def _other_model(model_dir, out):
+    """The tiny model with other weights (its first MLP scaled by -3)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(model_dir, out)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in lm.model.layers[0].mlp.parameters():
+            p.mul_(-3)
+    lm.save_pretrained(out)
+    return out
+
+
+def test_max_autotune_engines_each_compute_with_their_own_weights(make_engine, tiny_model_dir, tmp_path, reference):
+    # max-autotune freezes the weights into its graphs as constants: an engine must never run graphs compiled for
+    # another model of the same shapes (Dynamo's guards compare objects by id, which a freed model's successor may
+    # reuse). One slot, so one graph each: it compiles in seconds here.
+    other = _other_model(tiny_model_dir, tmp_path / "other")
+    answers = {}
+    for name, model_dir in (("tiny", tiny_model_dir), ("other", other)):
+        e = Engine(str(model_dir), device="cpu", max_batch=1, compile="max-autotune")
+        assert (e.compile_mode, e.compiled) == ("max-autotune", ["base"])
+        e.start()
+        before = _graphs()
+        answers[name] = e.submit("base", MEDIUM, GREEDY).result(60).text
+        assert _graphs() == before                          # compiled before serving
+        e.drain(timeout=5)
+        del e                                               # freed: the next engine may take its objects' ids
+    assert answers["tiny"] == reference.greedy(MEDIUM, GREEDY.max_tokens)[0]
+    assert answers["other"] == Reference(other).greedy(MEDIUM, GREEDY.max_tokens)[0] != answers["tiny"]
+
+
 def test_compiled_decode_steps_give_the_eager_tokens_in_bf16(make_engine, tiny_model_dir):
     compiled = make_engine(max_batch=8, compile=True, dtype="bfloat16")
     eager = make_engine(max_batch=8, dtype="bfloat16")
@@ -108,3 +143,5 @@ def test_a_step_that_cannot_compile_is_a_model_error_before_serving(tiny_model_d
             as caught:
         Engine(str(tiny_model_dir), device="cpu", compile=True)
     assert "without --compile" in caught.value.hint
+    with pytest.raises(ModelError, match="unknown compile mode 'fastest': one of default, max-autotune"):
+        Engine(str(tiny_model_dir), device="cpu", compile="fastest")

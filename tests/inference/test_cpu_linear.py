@@ -1,7 +1,8 @@
-"""4-bit weights for decoding on the CPU (``cai/inference/int4.py``): a narrow input takes the 4-bit path and gets
-the product with the dequantized weight, a wide one the bf16 weight's exact product; weights already on a 4-bit grid
-(as the default model's GGUF Q4_1 layers are) come back with their own integers; models that cannot take it are
-refused with a clear error; the engine serves with it, giving what ``generate`` gives on the same layers."""
+"""Linear layers for serving on a CPU (``cai/inference/cpu_linear.py``): bf16 weights prepacked for oneDNN give the
+same bits as ``F.linear`` at any row count; with 4-bit copies a narrow input takes the 4-bit path and gets the product
+with the dequantized weight, a wide one the bf16 weight's exact product; weights already on a 4-bit grid (as the
+default model's GGUF Q4_1 layers are) come back with their own integers; models that cannot take 4 bits are refused
+with a clear error; the engine serves with them, giving what ``generate`` gives on the same layers."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from fixtures.engine_fixtures import Reference
 
 from cai.core.errors import ModelError
-from cai.inference.int4 import GROUP, ROWS, Int4Linear, _groups, dequantized, quantize_int4
+from cai.inference.cpu_linear import GROUP, ROWS, CpuLinear, _groups, can_prepack, dequantized, prepack, quantize_int4
 from server.engine import GenParams
 
 from conftest import LONG, MEDIUM
@@ -26,12 +27,30 @@ def _layer(n_in: int = 64, n_out: int = 48, bias: bool = True) -> torch.nn.Seque
     return torch.nn.Sequential(torch.nn.Linear(n_in, n_out, bias=bias)).to(torch.bfloat16)
 
 
+@pytest.mark.skipif(not can_prepack(_layer()), reason="this CPU's oneDNN has no bf16")
+def test_prepacked_weights_give_the_same_bits_as_f_linear():
+    model = _layer(n_in=96, n_out=80)
+    weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    assert prepack(model) == 1
+    layer = model[0]
+    assert isinstance(layer, CpuLinear) and layer.packed is not None and layer.packed.is_mkldnn
+    for shape in [(1, 96), (3, 96), (16, 96), (2, 20, 96), (300, 96)]:
+        x = torch.randn(*shape, dtype=torch.bfloat16)
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, weight, bias)), shape
+    compiled = torch.compile(layer)                 # an operator of its own: the compiler calls it as it is
+    x = torch.randn(2, 96, dtype=torch.bfloat16)
+    with torch.inference_mode():                    # as the engine runs (the operator has no backward)
+        assert torch.equal(compiled(x), torch.nn.functional.linear(x, weight, bias))
+    assert sorted(model.state_dict()) == ["0.bias", "0.weight"]
+    assert prepack(_layer().float()) == 0          # fp32: nothing to do
+
+
 def test_narrow_inputs_take_the_4_bit_weights_and_wide_ones_the_bf16_weights():
     model = _layer()
     weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().float()
     assert quantize_int4(model) == 1
     layer = model[0]
-    assert isinstance(layer, Int4Linear) and isinstance(layer, torch.nn.Linear)   # PEFT wraps it as a Linear
+    assert isinstance(layer, CpuLinear) and isinstance(layer, torch.nn.Linear)   # PEFT wraps it as a Linear
     narrow = torch.randn(1, 3, 64, dtype=torch.bfloat16)                          # 3 rows <= ROWS
     expected = narrow.float() @ dequantized(weight).t() + bias
     got = layer(narrow)
@@ -40,6 +59,10 @@ def test_narrow_inputs_take_the_4_bit_weights_and_wide_ones_the_bf16_weights():
     assert (dequantized(weight) - weight.float()).abs().max() > 1e-3             # ... and it is the 4-bit weight
     wide = torch.randn(ROWS + 1, 64, dtype=torch.bfloat16)
     assert torch.equal(layer(wide), torch.nn.functional.linear(wide, weight, model[0].bias))
+    if can_prepack(model):                          # both copies: narrow inputs 4 bits, wide ones the packed weight
+        prepack(model)
+        assert layer.packed is not None and torch.equal(layer(narrow), got)
+        assert torch.equal(layer(wide), torch.nn.functional.linear(wide, weight, model[0].bias))
     assert sorted(model.state_dict()) == ["0.bias", "0.weight"]                  # the 4-bit copy is not saved
 
 
@@ -68,8 +91,8 @@ def test_the_engine_serves_4_bit_weights_as_generate_does_on_the_same_layers(mak
     e = make_engine(quantize="int4")
     assert e.quantize == "int4" and e.dtype == "bfloat16"        # auto dtype: bf16, which the kernel takes
     paths: list[str] = []
-    forward = Int4Linear.forward
-    monkeypatch.setattr(Int4Linear, "forward",
+    forward = CpuLinear.forward
+    monkeypatch.setattr(CpuLinear, "forward",
                         lambda self, x: paths.append("int4" if x.numel() <= ROWS * self.in_features else "bf16")
                         or forward(self, x))
     reference = Reference(tiny_model_dir, dtype=torch.bfloat16, int4=True)
