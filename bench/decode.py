@@ -30,10 +30,13 @@ sys.path.insert(0, str(ROOT))
 from server.engine import Engine, GenParams  # noqa: E402
 
 ARMS = {   # name -> Engine arguments
+    "bf16-unpacked": {"dtype": "bfloat16", "prepack": False},   # F.linear on the plain weights (before prepacking)
     "bf16": {"dtype": "bfloat16"},
     "bf16+compile": {"dtype": "bfloat16", "compile": True},
     "int4": {"dtype": "bfloat16", "quantize": "int4"},
     "int4+compile": {"dtype": "bfloat16", "quantize": "int4", "compile": True},
+    "bf16+max": {"dtype": "bfloat16", "compile": "max-autotune"},
+    "int4+max": {"dtype": "bfloat16", "quantize": "int4", "compile": "max-autotune"},
     "fp32": {"dtype": "float32"},
     "fp32+compile": {"dtype": "float32", "compile": True},
 }
@@ -95,8 +98,8 @@ def main() -> int:
     for n in args.rows:
         for arm in args.arms:
             ms = statistics.median(steps[arm, n]) * 1000
-            same = next((a for a in args.arms if ARMS[a]["dtype"] == ARMS[arm]["dtype"] and "quantize" not in ARMS[a]),
-                        None)
+            same = next((a for a in args.arms if ARMS[a]["dtype"] == ARMS[arm]["dtype"]
+                         and "quantize" not in ARMS[a]), None)
             note = ("(reference)" if same == arm else f"= {same}'s" if same and texts[same, n] == texts[arm, n]
                     else f"differ from {same}'s" if same else "")
             ratio = statistics.median(steps[first, n]) / statistics.median(steps[arm, n])
