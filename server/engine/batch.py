@@ -24,7 +24,7 @@ torch and transformers are imported when a batch is built, never at import time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from cai.inference.batching import prefix_cache
 from server.engine.request import Request
@@ -67,6 +67,11 @@ class Row:
 class Batch:
     """Rows decoded together in the slots of ``cache``. ``model`` is what forward passes go through (the model, or
     the PEFT model around it with the wave's adapter set)."""
+
+    # With a compiled step, a step that prefills chunks beside decoding rows goes through the graph while (prompt
+    # tokens x columns read) is at most this: each prompt token reads its slot's keys/values on its own there (the
+    # default model: ~23 KB of them per token and column, so ~90 MB at this bound); longer ones run eagerly.
+    COMPILED_PREFILL: ClassVar[int] = 4096
 
     model: Any
     cache: Any                        # server.engine.slots.SlotCache
@@ -111,8 +116,6 @@ class Batch:
 
         from server.engine.slots import Part, Step
 
-        if self.compiled is not None and self._rows and not any(r.pending for r in self._rows):
-            return self._compiled_step()
         decode = sorted((r for r in self._rows if not r.pending), key=lambda r: r.slot)
         prefill: list[tuple[Row, int]] = []
         for r in self._rows:
@@ -165,9 +168,14 @@ class Batch:
                               offset=prefill[0][0].slot if one else 0,
                               index=None if one else long([r.slot for r, _ in prefill]),
                               dest=None if one else long(dest), causal=one and prefill[0][0].length == 0))
-        self.cache.grow(max(p.length for p in parts))
-        step = Step(slot=long(slots), column=long(columns), parts=parts)
-        logits = self._forward(long(ids)[None], step, long(keep))
+        prefilling = len(ids) - len(decode)
+        if self.compiled is not None and decode and prefilling * (max(columns) + 1) <= self.COMPILED_PREFILL:
+            # through the compiled graph: a prefill token is one more row of its slot (compiled.py)
+            logits = self.compiled.step(ids, slots, columns, keep)
+        else:
+            self.cache.grow(max(p.length for p in parts))
+            step = Step(slot=long(slots), column=long(columns), parts=parts)
+            logits = self._forward(long(ids)[None], step, long(keep))
         for r in decode:
             r.length += 1
             r.last = None
@@ -176,17 +184,6 @@ class Batch:
             del r.pending[:n]
         self.passed, self.fed = len(decode) + len(prefill), len(ids)
         return [r.request for r in sampled], logits
-
-    def _compiled_step(self) -> tuple[list[Request], Any]:
-        """A step in which every row decodes, through the compiled graphs (compiled.py)."""
-        rows = self._rows
-        assert all(r.last is not None for r in rows)
-        logits = self.compiled.step([r.last for r in rows], [r.slot for r in rows], [r.length for r in rows])
-        for r in rows:
-            r.length += 1
-            r.last = None
-        self.passed = self.fed = len(rows)
-        return [r.request for r in rows], logits
 
     def _forward(self, ids: Any, step: Any, keep: Any) -> Any:
         """Logits [kept tokens, vocab] float32 of the step's tokens at ``keep``; their keys/values are written."""

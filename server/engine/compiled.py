@@ -1,21 +1,23 @@
-"""The decode step, compiled (``cai serve --compile``): every step in which all rows decode, one row (what a single
-client waits on, token after token) or many.
+"""The decode step, compiled (``cai serve --compile``): every step in which rows decode, one row (what a single
+client waits on, token after token) or many, with the prompt chunks of requests joining them.
 
 Why. A decode step of a small model is mostly not arithmetic: the default model's eager step runs ~500 small operators
 through Python and PyTorch's dispatcher (30 layers of norms, rotary embeddings, projections and attention), and at
 one row their overhead costs as much as reading the weights. ``torch.compile`` (Inductor: C++ kernels that fuse the
 element-wise work around each matrix product; on a GPU, Triton kernels) turns the step into one call. On the 2-core
-CPU it made a one-row bf16 step 1.26× and a 16-row step 1.36× faster; with ``--quantize int4`` (4-bit weights for
-steps of a few rows, ``cai/inference/cpu_linear.py``) the one-row step was 2.9× faster than eager bf16
-(``bench/decode.py``).
+CPU (``bench/decode.py``, bf16) the ``default`` mode made a one-row step 1.26-1.39× and a 16-row step 1.32-1.41×
+faster than eager; ``max-autotune`` (below) 2.25× and 2.0×; with ``--quantize int4`` as well (4-bit weights for steps
+of a few rows, ``cai/inference/cpu_linear.py``) the one-row step was 2.7× faster than eager bf16.
 
 Shape. A compiled graph must see the same shapes each step, so this step does not go through :class:`slots.Step`'s
-per-step parts: it is a :class:`~server.engine.slots.Decode` (each row's slot and column as tensors, the columns read
-as a dynamic dimension), and the rows' count is dynamic from two rows. So two graphs per model (one row; two rows or
-more; with ``--quantize int4`` three: its layers change path at 4 rows) serve every pure decode step, whatever the
-lengths and however the cache grows (its capacity is dynamic too).
-Steps that prefill (a prompt, or a chunk of one joining a running wave) run eagerly as before: their token counts
-change from step to step, and prefill is arithmetic more than overhead.
+per-step parts: it is a :class:`~server.engine.slots.Decode`, every token a row with its slot and column as tensors
+(written at that column, attending to the columns up to it), the columns read a dynamic dimension, and the tokens'
+and the logits' counts dynamic from two. A chunk of a prompt joining a running wave is more rows of one slot at
+consecutive columns, so those steps go through the graph too (while chunk x columns stays small: each of its tokens
+reads its slot on its own there, see ``Batch.COMPILED_PREFILL``). So two graphs per model (one token; two or more;
+with ``--quantize int4`` more: its layers change path at 4 rows) serve every step in which a row decodes, whatever
+the lengths and however the cache grows (its capacity is dynamic too). Steps in which no row decodes (a wave's first
+prefill) run eagerly: their token counts vary widely, and prefill is arithmetic more than overhead.
 
 When. The graphs of every model served (the base and each adapter) are compiled before the engine serves
 (:meth:`CompiledDecode.warm`), so no request waits on the compiler. Inductor keeps what it compiled in its on-disk
@@ -38,9 +40,9 @@ log = logging.getLogger(__name__)
 
 
 class CompiledDecode:
-    """``step(tokens, slots, columns)`` -> next-token logits [rows, vocab] float32 of rows that each decode one token,
-    their keys/values written into the slot cache, through a compiled forward pass of ``model`` (the model, or the
-    PEFT model with the wave's adapter set)."""
+    """``step(tokens, slots, columns, keep)`` -> next-token logits [kept, vocab] float32 of a step's tokens (rows
+    that decode one token each, and chunks of prompts), their keys/values written into the slot cache, through a
+    compiled forward pass of ``model`` (the model, or the PEFT model with the wave's adapter set)."""
 
     def __init__(self, model: Any, cache: Any, cache_argument: str, device: str, mode: str = "default"):
         import torch
@@ -52,21 +54,28 @@ class CompiledDecode:
         self._compiled = torch.compile(_own_code(self._forward))
         self.compiled_models: list[str] = []
 
-    def _forward(self, ids: Any, slot: Any, column: Any, seen: Any) -> Any:
+    def _forward(self, ids: Any, slot: Any, column: Any, seen: Any, keep: Any) -> Any:
         from server.engine.slots import Decode
 
         cache = self._cache
         cache.step = Decode(slot, column, seen)
         try:
             out = self._model(input_ids=ids, attention_mask=cache.no_mask, position_ids=column[None], use_cache=True,
-                              **{self._argument: cache})
+                              logits_to_keep=keep, **{self._argument: cache})
         finally:
             cache.step = None
         return out.logits[0].float()
 
-    def step(self, tokens: list[int], slots: list[int], columns: list[int]) -> Any:
+    def step(self, tokens: list[int], slots: list[int], columns: list[int], keep: list[int] | None = None) -> Any:
+        """Logits [len(keep), vocab] float32 of the tokens at ``keep`` (default: every token), each token written at
+        its slot and column and attending to the columns before it there. Tokens of one slot at consecutive columns
+        are a chunk of a prompt being prefilled (rows of :class:`~server.engine.slots.Decode` like any other)."""
         import torch
 
+        keep = list(range(len(tokens))) if keep is None else keep
+        wanted = len(keep)
+        if len(tokens) > 1 and wanted < 2:
+            keep = [*keep, *keep] if keep else [0, 0]   # a dynamic dimension is never 1 (it would be a constant)
         last = max(columns)
         # capacity > last + 1 always: a length equal to the capacity is a case the graph would compile again for
         self._cache.grow(last + 2)
@@ -75,12 +84,14 @@ class CompiledDecode:
         slot = torch.tensor(slots, device=device)
         column = torch.tensor(columns, device=device)
         seen = torch.empty(last + 1, device=device)
-        self._mark_dynamic(ids, slot, column, seen)
-        return self._compiled(ids, slot, column, seen)
+        at = torch.tensor(keep, device=device)
+        self._mark_dynamic(ids, slot, column, seen, at)
+        return self._compiled(ids, slot, column, seen, at)[:wanted]
 
-    def _mark_dynamic(self, ids: Any, slot: Any, column: Any, seen: Any) -> None:
-        """Dimensions the graph keeps symbolic: the columns read, the rows (from 2: one row is its own graph), and
-        every key/value buffer's capacity (the cache may grow). Later inputs of other sizes pass its guards."""
+    def _mark_dynamic(self, ids: Any, slot: Any, column: Any, seen: Any, keep: Any) -> None:
+        """Dimensions the graph keeps symbolic: the columns read, the tokens and the logits kept (from 2: one token
+        is its own graph), and every key/value buffer's capacity (the cache may grow). Later inputs of other sizes
+        pass its guards."""
         import torch
 
         mark = torch._dynamo.mark_dynamic
@@ -89,27 +100,34 @@ class CompiledDecode:
             mark(ids, 1)
             mark(slot, 0)
             mark(column, 0)
+            mark(keep, 0)
         for buffer in (*self._cache.keys, *self._cache.values):
             if not getattr(buffer, "_cai_dynamic", False):
                 mark(buffer, 2)
                 buffer._cai_dynamic = True
 
     def warm(self, name: str) -> float:
-        """Compile the graphs of the model set up now (``name`` is for the log and the error): steps of one row, of
-        two, and of every slot, written from column 2 of slots 0, 1, ... (which the next rows to take those slots
-        overwrite; columns 0 and 1 would be sizes the compiler takes as constants). Two rows and every slot are one
-        graph unless the model branches on its rows (``--quantize int4``'s layers do, at 4 rows: a graph each side).
-        Seconds it took; a ModelError if it cannot compile."""
+        """Compile the graphs of the model set up now (``name`` is for the log and the error): a step of one token,
+        then steps of several whose sizes (tokens, logits kept, columns read) all differ, so that the compiler ties
+        none of them to another (it would, given equal sizes, and compile again when they differ): a few tokens,
+        and more than 4 tokens with 2 and with 5 logits kept (``--quantize int4``'s layers branch at 4 rows: a graph
+        each side; other models need one graph for all of these). Then the pure decode steps of 2 rows and of every
+        slot, which those graphs already serve. Keys/values go to columns from 10 of the first slots (the next rows
+        to take those slots overwrite them). Seconds it took; a ModelError if it cannot compile."""
         import time
 
         import torch._inductor.config as inductor
 
+        slots = self._cache.slots
+        many = slots + 5
+        shapes = [(1, 1)] + ([(3, 2), (many, 2), (many, 5), (2, 2), (slots, slots)] if slots > 1 else [])
         t0 = time.perf_counter()
         try:
             # the mode's settings hold while its graphs compile (torch.compile's options= does not reach freezing)
             with inductor.patch(settings(self.mode, self.device)):
-                for rows in sorted({1, min(2, self._cache.slots), self._cache.slots}):
-                    self.step([0] * rows, list(range(rows)), [2 + i for i in range(rows)])
+                for tokens, kept in shapes:
+                    self.step([0] * tokens, [i % slots for i in range(tokens)], [10 + i for i in range(tokens)],
+                              list(range(kept)))
         except Exception as e:     # no C++ compiler, an operator Inductor cannot lower, ...
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelError(f"--compile: the decode step of {name!r} did not compile: {first[:300]}",

@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from fixtures.engine_fixtures import needs_compiler
 from fixtures.server_fixtures import (
     AUTH,
     ENDLESS,
@@ -128,6 +129,7 @@ def test_cai_serve_refuses_bad_settings_with_exit_2(files, args, message):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+@needs_compiler
 def test_cai_serve_compile_and_int4_serve_what_health_says(files):
     server = Served(files, "--compile", "--quantize", "int4")
     try:

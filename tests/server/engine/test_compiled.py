@@ -1,14 +1,17 @@
-"""The compiled decode step (``Engine(compile=True)``, ``cai serve --compile``) on the tiny model: every pure decode
-step goes through it, one row or many, and gives transformers' ``generate`` tokens in fp32 (past the cache's first
-capacity too, and with ``max-autotune``'s frozen weights and timed kernels) and the eager engine's tokens in bf16;
-nothing compiles while it serves; adapters get graphs of their own, 4-bit layers one each side of their row limit;
-a step that cannot compile, or an unknown mode, is a clear model error before anything is served."""
+"""The compiled decode step (``Engine(compile=True)``, ``cai serve --compile``) on the tiny model: every decode
+step goes through it, one row or many, with the prompt chunks of requests joining a running wave, and gives
+transformers' ``generate`` tokens in fp32 (past the cache's first capacity too, and with ``max-autotune``'s frozen
+weights and timed kernels) and the eager engine's tokens in bf16; nothing compiles while it serves; adapters get
+graphs of their own, 4-bit layers one each side of their row limit; a step that cannot compile, or an unknown mode,
+is a clear model error before anything is served."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
-from fixtures.engine_fixtures import CONVERSATIONS, GREEDY, Reference, lora_adapter
+from fixtures.engine_fixtures import CONVERSATIONS, ENDLESS, GREEDY, Reference, lora_adapter, needs_compiler
 
 from cai.core.errors import ModelError
 from server.engine import Engine, GenParams
@@ -30,9 +33,9 @@ def _spy(monkeypatch) -> list[int]:
     rows: list[int] = []
     step = CompiledDecode.step
 
-    def spy(self, tokens, slots, columns):
+    def spy(self, tokens, slots, columns, keep=None):
         rows.append(len(tokens))
-        return step(self, tokens, slots, columns)
+        return step(self, tokens, slots, columns, keep)
 
     monkeypatch.setattr(CompiledDecode, "step", spy)
     return rows
@@ -45,6 +48,7 @@ def _answers(engine: Engine, model: str = "base", lengths=(24, 31, 38, 45)):
     return asks, [h.result(120) for h in handles]
 
 
+@needs_compiler
 def test_compiled_decode_steps_give_generate_tokens_in_fp32(make_engine, reference, monkeypatch):
     e = make_engine(max_batch=8, compile=True)
     assert e.compiled == ["base"]
@@ -58,6 +62,34 @@ def test_compiled_decode_steps_give_generate_tokens_in_fp32(make_engine, referen
     assert (long.text, long.completion_tokens, long.finish_reason) == reference.greedy(SHORT, 300)
     assert 1 in rows and max(rows) == len(CONVERSATIONS)    # one row and many went through the graphs
     assert _graphs() == before                              # ... compiled before serving, never while
+
+
+@needs_compiler
+def test_prompts_joining_a_compiled_wave_are_prefilled_through_the_graph(make_engine, reference, monkeypatch):
+    e = make_engine(max_batch=4, prefill_chunk=5, compile=True)
+    steps: list[tuple[int, int]] = []              # (tokens, logits kept) of every compiled step
+    step = CompiledDecode.step
+
+    def spy(self, tokens, slots, columns, keep=None):
+        steps.append((len(tokens), len(tokens) if keep is None else len(keep)))
+        return step(self, tokens, slots, columns, keep)
+
+    monkeypatch.setattr(CompiledDecode, "step", spy)
+    before = _graphs()
+
+    async def main():
+        running = e.stream("base", SHORT, ENDLESS)
+        await running.__anext__()                   # it decodes now: the next prompts join its wave
+        handles = [e.submit("base", conv, GREEDY) for conv in (LONG, MEDIUM)]
+        done = [await asyncio.to_thread(h.result, 60) for h in handles]
+        await running.aclose()
+        return done
+
+    for conv, d in zip((LONG, MEDIUM), asyncio.run(main())):
+        assert (d.text, d.completion_tokens, d.finish_reason) == reference.greedy(conv, GREEDY.max_tokens)
+    # steps that took prompt chunks (more tokens than logits) beside the decoding rows went through the graphs
+    assert any(tokens > kept for tokens, kept in steps)
+    assert _graphs() == before
 
 
 def _other_model(model_dir, out):
@@ -75,6 +107,7 @@ def _other_model(model_dir, out):
     return out
 
 
+@needs_compiler
 def test_max_autotune_engines_each_compute_with_their_own_weights(make_engine, tiny_model_dir, tmp_path, reference):
     # max-autotune freezes the weights into its graphs as constants: an engine must never run graphs compiled for
     # another model of the same shapes (Dynamo's guards compare objects by id, which a freed model's successor may
@@ -94,6 +127,7 @@ def test_max_autotune_engines_each_compute_with_their_own_weights(make_engine, t
     assert answers["other"] == Reference(other).greedy(MEDIUM, GREEDY.max_tokens)[0] != answers["tiny"]
 
 
+@needs_compiler
 def test_compiled_decode_steps_give_the_eager_tokens_in_bf16(make_engine, tiny_model_dir):
     compiled = make_engine(max_batch=8, compile=True, dtype="bfloat16")
     eager = make_engine(max_batch=8, dtype="bfloat16")
@@ -105,6 +139,7 @@ def test_compiled_decode_steps_give_the_eager_tokens_in_bf16(make_engine, tiny_m
         Reference(tiny_model_dir, dtype=torch.bfloat16).greedy(MEDIUM, 120)
 
 
+@needs_compiler
 def test_each_adapter_has_its_own_compiled_graphs(make_engine, tiny_model_dir, tmp_path, reference):
     adapter = lora_adapter(tiny_model_dir, tmp_path / "sft", 1)
     e = make_engine(start=False, adapters={"sft": str(adapter)}, compile=True)
@@ -121,6 +156,7 @@ def test_each_adapter_has_its_own_compiled_graphs(make_engine, tiny_model_dir, t
     assert _graphs() == before
 
 
+@needs_compiler
 def test_4_bit_layers_get_a_graph_each_side_of_their_row_limit(make_engine):
     compiled = make_engine(max_batch=8, compile=True, quantize="int4")
     eager = make_engine(max_batch=8, quantize="int4")
