@@ -68,9 +68,10 @@ class Batch:
     """Rows decoded together in the slots of ``cache``. ``model`` is what forward passes go through (the model, or
     the PEFT model around it with the wave's adapter set)."""
 
-    # With a compiled step, a step that prefills chunks beside decoding rows goes through the graph while (prompt
-    # tokens x columns read) is at most this: each prompt token reads its slot's keys/values on its own there (the
-    # default model: ~23 KB of them per token and column, so ~90 MB at this bound); longer ones run eagerly.
+    # With a compiled step, a step that prefills (chunks beside decoding rows, or short prompts) goes through the
+    # graph while (prompt tokens x columns read) is at most this: each prompt token reads its slot's keys/values on
+    # its own there (the default model: ~23 KB of them per token and column, so ~90 MB at this bound); a wave's
+    # first prefill of many or long prompts runs eagerly.
     COMPILED_PREFILL: ClassVar[int] = 4096
 
     model: Any
@@ -169,8 +170,9 @@ class Batch:
                               index=None if one else long([r.slot for r, _ in prefill]),
                               dest=None if one else long(dest), causal=one and prefill[0][0].length == 0))
         prefilling = len(ids) - len(decode)
-        if self.compiled is not None and decode and prefilling * (max(columns) + 1) <= self.COMPILED_PREFILL:
-            # through the compiled graph: a prefill token is one more row of its slot (compiled.py)
+        if self.compiled is not None and prefilling * (max(columns) + 1) <= self.COMPILED_PREFILL:
+            # through the compiled graph: a prefill token is one more row of its slot (compiled.py); so is a short
+            # prompt alone (what a single client waits on before its first token)
             logits = self.compiled.step(ids, slots, columns, keep)
         else:
             self.cache.grow(max(p.length for p in parts))

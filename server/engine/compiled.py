@@ -111,8 +111,8 @@ class CompiledDecode:
         then steps of several whose sizes (tokens, logits kept, columns read) all differ, so that the compiler ties
         none of them to another (it would, given equal sizes, and compile again when they differ): a few tokens,
         and more than 4 tokens with 2 and with 5 logits kept (``--quantize int4``'s layers branch at 4 rows: a graph
-        each side; other models need one graph for all of these). Then the pure decode steps of 2 rows and of every
-        slot, which those graphs already serve. Keys/values go to columns from 10 of the first slots (the next rows
+        each side; other models need one graph for all of these); a short prompt alone is such a step too. Then the
+        pure decode steps of 2 rows and of every slot, which those graphs already serve. Keys/values go to columns from 10 of the first slots (the next rows
         to take those slots overwrite them). Seconds it took; a ModelError if it cannot compile."""
         import time
 
@@ -120,7 +120,7 @@ class CompiledDecode:
 
         slots = self._cache.slots
         many = slots + 5
-        shapes = [(1, 1)] + ([(3, 2), (many, 2), (many, 5), (2, 2), (slots, slots)] if slots > 1 else [])
+        shapes = [(1, 1), (3, 2), (many, 2), (many, 5)] + ([(2, 2), (slots, slots)] if slots > 1 else [])
         t0 = time.perf_counter()
         try:
             # the mode's settings hold while its graphs compile (torch.compile's options= does not reach freezing)

@@ -60,7 +60,7 @@ def test_compiled_decode_steps_give_generate_tokens_in_fp32(make_engine, referen
     # one request alone, past the cache's first capacity (256 columns: the cache grows under the graph)
     long = e.submit("base", SHORT, GenParams(max_tokens=300, temperature=0.0)).result(120)
     assert (long.text, long.completion_tokens, long.finish_reason) == reference.greedy(SHORT, 300)
-    assert 1 in rows and max(rows) == len(CONVERSATIONS)    # one row and many went through the graphs
+    assert 1 in rows and len(CONVERSATIONS) in rows          # one row and many went through the graphs
     assert _graphs() == before                              # ... compiled before serving, never while
 
 
@@ -111,7 +111,7 @@ def _other_model(model_dir, out):
 def test_max_autotune_engines_each_compute_with_their_own_weights(make_engine, tiny_model_dir, tmp_path, reference):
     # max-autotune freezes the weights into its graphs as constants: an engine must never run graphs compiled for
     # another model of the same shapes (Dynamo's guards compare objects by id, which a freed model's successor may
-    # reuse). One slot, so one graph each: it compiles in seconds here.
+    # reuse). One slot, so few graphs each: they compile in seconds here.
     other = _other_model(tiny_model_dir, tmp_path / "other")
     answers = {}
     for name, model_dir in (("tiny", tiny_model_dir), ("other", other)):
