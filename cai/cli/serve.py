@@ -47,7 +47,7 @@ class ServeArgs:
     dtype: str = option("auto", "weights' dtype (auto: bfloat16 on a GPU or CPU with bf16 in hardware, AVX512-BF16 "
                                 "or AMX, else float32; default: %(default)s)", choices=DTYPES)
     compile: str | None = option(None, "compile every model's decode step before serving: default (the same tokens "
-                                       "as without; ~25 s a model once cached, ~1.5 min the first time, on 2 CPU "
+                                       "as without; ~25 s a model once cached, ~2 min the first time, on 2 CPU "
                                        "cores) or max-autotune (weights frozen in, the fastest kernels timed and "
                                        "kept: faster, tokens may differ slightly, ~4 min at every start); needs a "
                                        "C++ compiler on a CPU", nargs="?", const="default",

@@ -21,7 +21,8 @@ prefill) run eagerly: their token counts vary widely, and prefill is arithmetic 
 
 When. The graphs of every model served (the base and each adapter) are compiled before the engine serves
 (:meth:`CompiledDecode.warm`), so no request waits on the compiler. Inductor keeps what it compiled in its on-disk
-cache: the first start of the default model spends ~1.5 min compiling on 2 cores, later starts seconds.
+cache: the first start of the default model spends ~2 min compiling on 2 cores, later starts ~25 s (``max-autotune``
+is not cached: ~4 min at every start).
 
 Numerics. The same operators in the same dtypes, fused, so sums may round differently; in bf16 Inductor is told to
 round where eager rounds (``emulate_precision_casts``). Tests compare its greedy tokens with ``generate``'s.
@@ -112,8 +113,9 @@ class CompiledDecode:
         none of them to another (it would, given equal sizes, and compile again when they differ): a few tokens,
         and more than 4 tokens with 2 and with 5 logits kept (``--quantize int4``'s layers branch at 4 rows: a graph
         each side; other models need one graph for all of these); a short prompt alone is such a step too. Then the
-        pure decode steps of 2 rows and of every slot, which those graphs already serve. Keys/values go to columns from 10 of the first slots (the next rows
-        to take those slots overwrite them). Seconds it took; a ModelError if it cannot compile."""
+        pure decode steps of 2 rows and of every slot, which those graphs already serve. Keys/values go to columns
+        from 10 of the first slots (the next rows to take those slots overwrite them). Seconds it took; a
+        ModelError if it cannot compile."""
         import time
 
         import torch._inductor.config as inductor
