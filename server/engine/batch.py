@@ -170,7 +170,8 @@ class Batch:
                               index=None if one else long([r.slot for r, _ in prefill]),
                               dest=None if one else long(dest), causal=one and prefill[0][0].length == 0))
         prefilling = len(ids) - len(decode)
-        if self.compiled is not None and prefilling * (max(columns) + 1) <= self.COMPILED_PREFILL:
+        last = max(columns)         # 0: one token at column 0, a size the graphs take as a constant (eager)
+        if self.compiled is not None and 0 < last and prefilling * (last + 1) <= self.COMPILED_PREFILL:
             # through the compiled graph: a prefill token is one more row of its slot (compiled.py); so is a short
             # prompt alone (what a single client waits on before its first token)
             logits = self.compiled.step(ids, slots, columns, keep)

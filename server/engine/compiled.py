@@ -1,5 +1,5 @@
 """The decode step, compiled (``cai serve --compile``): every step in which rows decode, one row (what a single
-client waits on, token after token) or many, with the prompt chunks of requests joining them.
+client waits on, token after token) or many, with the short prompt chunks of requests joining them.
 
 Why. A decode step of a small model is mostly not arithmetic: the default model's eager step runs ~500 small operators
 through Python and PyTorch's dispatcher (30 layers of norms, rotary embeddings, projections and attention), and at
@@ -13,11 +13,12 @@ Shape. A compiled graph must see the same shapes each step, so this step does no
 per-step parts: it is a :class:`~server.engine.slots.Decode`, every token a row with its slot and column as tensors
 (written at that column, attending to the columns up to it), the columns read a dynamic dimension, and the tokens'
 and the logits' counts dynamic from two. A chunk of a prompt joining a running wave is more rows of one slot at
-consecutive columns, so those steps go through the graph too (while chunk x columns stays small: each of its tokens
-reads its slot on its own there, see ``Batch.COMPILED_PREFILL``). So two graphs per model (one token; two or more;
-with ``--quantize int4`` more: its layers change path at 4 rows) serve every step in which a row decodes, whatever
-the lengths and however the cache grows (its capacity is dynamic too). Steps in which no row decodes (a wave's first
-prefill) run eagerly: their token counts vary widely, and prefill is arithmetic more than overhead.
+consecutive columns, so those steps go through the graph too, and so does a short prompt alone: every step whose
+prompt tokens x columns read is at most ``Batch.COMPILED_PREFILL`` (4096; each prompt token reads its slot on its own
+there). So two graphs per model (one token; two or more; with ``--quantize int4`` more: its layers change path at 4
+rows) serve every such step, whatever the lengths and however the cache grows (its capacity is dynamic too). Larger
+prefills (a wave of many prompts, a long prompt, a 64-token chunk beside rows already past column 64) run eagerly:
+prefill is arithmetic more than overhead.
 
 When. The graphs of every model served (the base and each adapter) are compiled before the engine serves
 (:meth:`CompiledDecode.warm`), so no request waits on the compiler. Inductor keeps what it compiled in its on-disk
@@ -45,12 +46,13 @@ class CompiledDecode:
     that decode one token each, and chunks of prompts), their keys/values written into the slot cache, through a
     compiled forward pass of ``model`` (the model, or the PEFT model with the wave's adapter set)."""
 
-    def __init__(self, model: Any, cache: Any, cache_argument: str, device: str, mode: str = "default"):
+    def __init__(self, model: Any, cache: Any, cache_argument: str, device: str, mode: str = "default",
+                 models: int = 1):
         import torch
 
         if mode not in MODES:
             raise ModelError(f"unknown compile mode {mode!r}: one of {', '.join(MODES)}")
-        configure()
+        configure(models)
         self._model, self._cache, self._argument, self.device, self.mode = model, cache, cache_argument, device, mode
         self._compiled = torch.compile(_own_code(self._forward))
         self.compiled_models: list[str] = []
@@ -171,10 +173,13 @@ def settings(mode: str, device: str) -> dict[str, Any]:
     return opts
 
 
-def configure() -> None:
-    """Process-wide compiler settings this step relies on."""
+def configure(models: int = 1) -> None:
+    """Process-wide compiler settings this step relies on, for ``models`` served models (base and adapters)."""
     import torch._dynamo
 
-    # two graphs per served model (base, each adapter), told apart by guards on the rows and the active adapter
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256)
+    # a few graphs per served model (one token; several, on each side of int4's row limit; after an adapter switch),
+    # told apart by guards on the sizes and the active adapter: past the limit Dynamo would run eagerly, unseen
+    need = 16 * models
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64, need)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256,
+                                                           4 * need)

@@ -79,9 +79,10 @@ class Engine:
         if quantize == "int4" and dtype in (None, "auto"):
             dtype = "bfloat16"                  # the int4 kernel takes bf16 activations, whatever the CPU
         mode = "default" if compile is True else compile or None       # the compile mode (compiled.py), or None
-        # max-autotune freezes the weights and prepacks them itself (its own kernels need the plain ones)
+        # prepacked bf16 weights (a second copy of each) only under --compile's default mode: eager steps are
+        # dispatch-bound (no gain measured), and max-autotune freezes and prepacks the weights itself
         served = load_models(model, dict(adapters or {}), device, dtype, base_name, quantize,
-                             prepack and mode != "max-autotune")
+                             prepack and mode == "default")
         base = served.base
         self.quantize = quantize if served.quantized_layers else None   # "int4": narrow inputs take 4-bit weights
         self.tokenizer, self.device = base.tokenizer, base.device
@@ -361,7 +362,7 @@ class Engine:
 
         with torch.inference_mode():     # as the worker runs (a tensor made outside it is another kind of input)
             self._compiled = CompiledDecode(self._model, self._slot_cache(), self._cache_argument, self.device,
-                                            mode)
+                                            mode, len(self.model_names))
             # twice round: switching adapters leaves state (PEFT's flags) that the first model's guards saw
             # otherwise, so the second round compiles what serving after a switch would
             for _ in range(2 if len(self.model_names) > 1 else 1):
