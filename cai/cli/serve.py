@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai.cli.options import add_options, option, parsed
+from cai.inference.dtype import default_device
 from cai.inference.loading import DTYPES
 
 HELP = ("serve the model and its adapters (OpenAI-compatible) beside the critique pipeline, or front an inference "
@@ -116,10 +117,12 @@ def run(ns: argparse.Namespace) -> int:
         raise CaiError(f"--port must be in 1..65535, got {a.port}")
     if a.max_batch < 1 or a.queue_size < 1:
         raise CaiError("--max-batch and --queue-size must be at least 1")
-    if a.quantize and not a.upstream and (a.dtype not in ("auto", "bfloat16") or (a.device or "cpu") != "cpu"):
+    device = a.device or (default_device() if a.quantize and not a.upstream else "cpu")
+    if a.quantize and not a.upstream and (a.dtype not in ("auto", "bfloat16") or not device.startswith("cpu")):
         raise CaiError(f"--quantize {a.quantize} serves on the CPU in bfloat16; it cannot go with "
-                       + ("--dtype " + a.dtype if a.dtype not in ("auto", "bfloat16") else f"--device {a.device}"),
-                       hint="Leave out --quantize, or serve with --dtype bfloat16 (or auto) on the CPU.")
+                       + ("--dtype " + a.dtype if a.dtype not in ("auto", "bfloat16") else f"--device {device}"
+                          + ("" if a.device else " (the default here: a GPU is visible)")),
+                       hint="Leave out --quantize, or serve with --dtype bfloat16 (or auto) and --device cpu.")
     limits = Limits(max_tokens=a.max_tokens, default_max_tokens=a.default_max_tokens, max_n=a.max_n,
                     max_body_bytes=a.max_body_bytes)
     keys = read_api_keys(a.api_key_file, a.api_key_env)
@@ -182,3 +185,4 @@ def _gateway(a: ServeArgs, ns: argparse.Namespace, limits, keys: dict[str, str |
                         drain_grace_s=a.drain_grace, upstream=upstream)
     quiet_libraries(heavy=False)      # nothing here imports transformers: start-up stays instant
     return serve(settings, host=a.host, port=a.port, log_level="info" if ns.verbose else "warning")
+
