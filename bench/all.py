@@ -4,7 +4,7 @@ Each script prints its ratios as lines of the form ``NAME = VALUE  (target >= T)
 in turn (never two at once: they measure a shared 2-core machine), keeps each one's full output in a log folder, and
 collects those lines. A script that fails is reported as failed in the table; the others still run.
 
-    .venv/bin/python bench/all.py            # everything (~25 minutes on the 2-core CPU)
+    .venv/bin/python bench/all.py            # everything (~35 minutes on the 2-core CPU)
     .venv/bin/python bench/all.py --quick    # smaller sizes (~10 minutes): the same ratios, noisier
     .venv/bin/python bench/all.py --only generate serve
 """
@@ -27,7 +27,9 @@ BENCHES = {
     "scale": ([], ["--prompts", "48", "--repeats", "1"]),
     "incremental": ([], ["--limit", "64"]),
     "train": ([], ["--rows", "24", "--steps", "4"]),
-    "serve": ([], ["--requests", "1", "--single", "3"]),
+    # --quick leaves out the max-autotune arms: each compiles for ~4 minutes at every start
+    "serve": ([], ["--requests", "1", "--single", "3", "--arms", "ours", "ours-compiled", "ours-unbatched", "peer",
+                   "llama.cpp"]),
     "hostile_yaml": ([], []),
     "label": ([], ["--pairs", "8"]),
     "review": ([], ["--records", "2000", "--repeats", "3", "--decisions", "15"]),
