@@ -23,6 +23,7 @@ torch and transformers are imported when a batch is built, never at import time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -40,6 +41,18 @@ class TemplateHead:
         self.device = device
         self.rows = 0
         self._kv: dict[str, tuple[list[Any], list[Any]]] = {}   # model name -> per-layer keys, values [kv, head, d]
+
+    @staticmethod
+    def find(encode: Callable[[list[Any]], list[int]], minimum: int) -> tuple[int, ...]:
+        """The tokens one-user-message prompts start with (what differently starting prompts share, through
+        ``encode``, the engine's messages-to-tokens), less one so a prompt always has a token of its own after it;
+        () if shorter than ``minimum``. A prompt whose first characters merge with the head's last token
+        differently simply does not use it (checked per prefill)."""
+        probes = [encode([{"role": "user", "content": c}]) for c in ("a", "zz", "Hi", "The 1", " x", "\n?")]
+        n = 0
+        while n < min(map(len, probes)) - 1 and all(p[n] == probes[0][n] for p in probes):
+            n += 1
+        return tuple(probes[0][:n]) if n >= minimum else ()
 
     def starts(self, prompt: list[int]) -> bool:
         """Whether the prompt starts with the head and has a token of its own after it."""

@@ -34,6 +34,8 @@ torch is imported when an engine is built with ``compile=True``, never at import
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from cai.core.errors import ModelError
@@ -56,6 +58,24 @@ class CompiledDecode:
         self._model, self._cache, self._argument, self.device, self.mode = model, cache, cache_argument, device, mode
         self._compiled = torch.compile(_own_code(self._forward))
         self.compiled_models: list[str] = []
+
+    @classmethod
+    def for_models(cls, model: Any, slot_cache: Callable[[], Any], cache_argument: str, device: str, mode: str,
+                   names: list[str], set_up: Callable[[str], AbstractContextManager[Any]]) -> CompiledDecode:
+        """A compiled step with the graphs of every served model in ``names`` (``set_up(name)``: the context in
+        which ``model`` is that one), compiled under inference mode as the worker runs (a tensor made outside it
+        is another kind of input: ``slot_cache()``, which makes the cache on its first call, is called in it).
+        With adapters, twice round: switching adapters leaves state (PEFT's flags) that the first model's guards
+        saw otherwise, so the second round compiles what serving after a switch would."""
+        import torch
+
+        with torch.inference_mode():
+            compiled = cls(model, slot_cache(), cache_argument, device, mode, len(names))
+            for _ in range(2 if len(names) > 1 else 1):
+                for name in names:
+                    with set_up(name):
+                        compiled.warm(name)
+        return compiled
 
     def _forward(self, ids: Any, slot: Any, column: Any, seen: Any, keep: Any) -> Any:
         from server.engine.slots import Decode

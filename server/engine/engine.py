@@ -111,12 +111,16 @@ class Engine:
         self.tokens_generated = 0
         # the chat template's fixed head (system prompt and the first role marker), which nearly every prompt starts
         # with: its keys/values are computed once per model and copied into each prefill instead of recomputed
-        self.head: tuple[int, ...] = self._template_head()
+        self.head: tuple[int, ...] = TemplateHead.find(self.encode, self.MIN_HEAD)
         self._head = TemplateHead(self.head, self._lm.config, self.device)
         self.compile_mode: str | None = mode      # default | max-autotune | None: how the decode step is compiled
         self._compiled: Any = None              # the compiled decode step (compiled.py), with compile=True
-        if mode is not None:
-            self._compile(mode)
+        if mode is not None:     # every served model's graphs, before any request (see compiled.py)
+            from server.engine.compiled import CompiledDecode
+
+            self._compiled = CompiledDecode.for_models(self._model, self._slot_cache, self._cache_argument,
+                                                       self.device, mode, self.model_names,
+                                                       partial(use_model, self._peft, base_name=base_name))
 
     # -- facts -------------------------------------------------------------------------------------------------
 
@@ -173,16 +177,6 @@ class Engine:
     def encode(self, messages: list[Message]) -> list[int]:
         """The prompt's token ids: the chat template rendered with the generation prompt, tokenized."""
         return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
-
-    def _template_head(self) -> tuple[int, ...]:
-        """The tokens one-user-message prompts start with (what differently starting prompts share), less one so a
-        prompt always has a token of its own after it. A prompt whose first characters merge with the head's last
-        token differently simply does not use it (checked per prefill)."""
-        probes = [self.encode([{"role": "user", "content": c}]) for c in ("a", "zz", "Hi", "The 1", " x", "\n?")]
-        n = 0
-        while n < min(map(len, probes)) - 1 and all(p[n] == probes[0][n] for p in probes):
-            n += 1
-        return tuple(probes[0][:n]) if n >= self.MIN_HEAD else ()
 
     # -- submitting ------------------------------------------------------------------------------------------
 
@@ -353,22 +347,6 @@ class Engine:
                     batch.add(joining)
             budget = min(self.prefill_chunk, self.MAX_STEP_TOKENS) if batch.decoding else self.MAX_STEP_TOKENS
             self._advance(batch, *batch.step(budget))
-
-    def _compile(self, mode: str) -> None:
-        """Compile the decode step of every model served, before any request (see compiled.py)."""
-        import torch
-
-        from server.engine.compiled import CompiledDecode
-
-        with torch.inference_mode():     # as the worker runs (a tensor made outside it is another kind of input)
-            self._compiled = CompiledDecode(self._model, self._slot_cache(), self._cache_argument, self.device,
-                                            mode, len(self.model_names))
-            # twice round: switching adapters leaves state (PEFT's flags) that the first model's guards saw
-            # otherwise, so the second round compiles what serving after a switch would
-            for _ in range(2 if len(self.model_names) > 1 else 1):
-                for name in self.model_names:
-                    with use_model(self._peft, name, self.base_name):
-                        self._compiled.warm(name)
 
     def _slot_cache(self) -> Any:
         """The KV cache of every wave: max_batch slots, allocated on first use and kept (see slots.py)."""
