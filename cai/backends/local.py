@@ -29,6 +29,8 @@ from cai.core.errors import ContextLengthError, Issue
 from cai.core.prompts import Message
 from cai.inference.batching import common_prefix, left_pad, prefix_cache, repeat_cache
 from cai.inference.continuation import Kept, build, kept_after, plan
+from cai.inference.decode import decode
+from cai.inference.kv import GrowingLayer, growing, reserve
 from cai.inference.loading import load_chat_model
 from cai.inference.sampling import TOP_K, draw_rows
 
@@ -48,9 +50,13 @@ class TopPSampler(LogitsProcessor):
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        chosen = draw_rows(scores, self.temperature, self.top_p, self.generator, self.k)
+        chosen = self.draw(scores)[:, None]
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(-1, chosen, 0.0)
+
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """One token per row of ``scores`` [rows, vocab]: [rows]."""
+        return draw_rows(scores, self.temperature, self.top_p, self.generator, self.k).reshape(-1)
 
 
 class LocalBackend:
@@ -76,6 +82,7 @@ class LocalBackend:
         self._prefixes: OrderedDict[tuple[int, ...], object] = OrderedDict()   # token ids -> DynamicCache (batch 1)
         self.prefix_hits = 0      # rows that reused a cached prefix (for tests and benchmarks)
         self.continuation = continuation and prefix_cache
+        self.own_loop = True       # cai.inference.decode (rows leave as they end); False: transformers' generate
         self._kept: Kept | None = None
         self.continued_tokens = 0  # prompt tokens not prefilled again: taken from the previous call's cache
         self.shared_prefix = self.lm is not None and prefix_cache and self._use_shared_prefix_attention()
@@ -128,26 +135,27 @@ class LocalBackend:
             self.continued_tokens += sum(cont.reuse)
         else:
             prefix, held, mask, input_ids, tokens = self._fresh_layout(ids, extra)
-        extra["past_key_values"] = held
-        if sampling.temperature > 0:
-            # sampling is done by our processor (the token it draws is the only one left), decoding stays "greedy"
-            extra["logits_processor"] = LogitsProcessorList([TopPSampler(sampling.temperature, sampling.top_p, seed)])
+        # grown in place: room for the whole call now, instead of a copy of every layer at every step
+        reserve(growing(held), input_ids.shape[1] + sampling.max_new_tokens)
+        sampler = TopPSampler(sampling.temperature, sampling.top_p, seed) if sampling.temperature > 0 else None
+        slots = list(range(len(ids)))
         with torch.inference_mode():
-            out = self.lm.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=sampling.max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=self.eos_ids,
-                pad_token_id=pad,
-                **extra,
-            )
-        new_tokens = out[:, input_ids.shape[1]:].tolist()
-        if self.continuation:
-            self._kept = kept_after(held, prefix, mask, tokens, new_tokens, set(self.eos_ids))
+            if self.own_loop and all(isinstance(layer, GrowingLayer) for layer in held.layers):
+                done = decode(self.lm, input_ids, mask, held, max_new_tokens=sampling.max_new_tokens,
+                              eos_ids=self.eos_ids, pad_id=pad, positions=extra.get("position_ids"),
+                              pick=sampler.draw if sampler else None)
+                new_tokens, slots = done.tokens, done.slots
+            else:   # other cache layers (sliding windows): transformers' loop, every row to the end
+                if sampler is not None:
+                    # our processor draws the token (the only one left), decoding stays "greedy"
+                    extra["logits_processor"] = LogitsProcessorList([sampler])
+                out = self.lm.generate(input_ids=input_ids, attention_mask=mask, past_key_values=held,
+                                       max_new_tokens=sampling.max_new_tokens, do_sample=False, temperature=None,
+                                       top_p=None, top_k=None, eos_token_id=self.eos_ids, pad_token_id=pad, **extra)
+                new_tokens = out[:, input_ids.shape[1]:].tolist()
+        if self.continuation:   # kept in the cache's row order
+            self._kept = kept_after(held, prefix, mask[slots], [tokens[r] for r in slots],
+                                    [new_tokens[r] for r in slots], set(self.eos_ids))
         return [self._completion(row, n) for row, n in zip(new_tokens, lengths)]
 
     def _fresh_layout(self, ids: list[list[int]], extra: dict):

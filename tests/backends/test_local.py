@@ -388,3 +388,30 @@ def test_the_revise_stage_continues_the_critique_stages_cache_with_the_same_outp
     fresh = LocalBackend(str(tiny_model_dir), device="cpu", continuation=False)
     assert got == [x.text for x in fresh.generate([revise[i] for i in order], GREEDY, seed=0)]
     assert b.continued_tokens > 0
+
+
+def test_rows_that_end_early_leave_the_batch_and_the_records_are_generates(tiny_model_dir):
+    """With end tokens that stop rows at different steps, two rounds of records (each revise stage continuing the
+    critique's cache, rows that left early included) equal those of transformers' own generate loop."""
+    from cai.backends.local import LocalBackend
+    from cai.generate.generator import Generator
+
+    c = make_constitution(4)
+    items = items_from(prompt_rows(5))
+    sampling = Sampling(temperature=0.0, max_new_tokens=12)
+    probe = LocalBackend(str(tiny_model_dir), device="cpu")
+    free = probe.generate([it.messages for it in items], sampling, seed=0)
+    toks = [probe.tokenizer(x.text, add_special_tokens=False)["input_ids"] for x in free]
+    ends = sorted({toks[0][2], toks[1][6]} - {t[0] for t in toks})
+    records, stops = {}, {}
+    for own in (True, False):
+        b = LocalBackend(str(tiny_model_dir), device="cpu")
+        b.own_loop = own
+        b.eos_ids = list(b.eos_ids) + ends
+        g = Generator(c, b, rounds=2, sampling=sampling)
+        records[own] = [r.to_json() for r in g.run_batch(g.plan(items))]
+        stops[own] = [x.finish_reason for x in b.generate([it.messages for it in items], sampling, seed=0)]
+        assert b.continued_tokens > 0
+    assert stops[True] == stops[False] and {"stop", "length"} <= set(stops[True])
+    for a, b_ in zip(records[True], records[False]):
+        assert a["initial"] == b_["initial"] and a["rounds"] == b_["rounds"]
