@@ -9,8 +9,9 @@ the ratios. Absolute figures depend on the machine's load; the ratios, measured 
     .venv/bin/python bench/generate.py --batch-size 8 --max-new-tokens 48
     .venv/bin/python bench/generate.py --dtype bfloat16    # the model in bf16 (every arm alike)
 
-Pipeline arms: as shipped (the prefix cache, and the revise stage continuing the critique's cache); without the
-continuation (each call prefilled from the prefix cache alone); without the prefix cache (nor the continuation).
+Pipeline arms: as shipped (the prefix cache, the revise stage continuing the critique's cache, and our decode loop,
+where rows leave the batch as they end); with transformers' ``generate`` loop instead (every row to the end); without
+the continuation (each call prefilled from the prefix cache alone); without the prefix cache (nor the continuation).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def main() -> None:
     items = items[:: max(1, len(items) // args.prompts)][: args.prompts]   # spread over the categories
     sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=0)
 
-    def pipeline(prefix_cache: bool, continuation: bool = True) -> tuple[float, int]:
+    def pipeline(prefix_cache: bool, continuation: bool = True, own_loop: bool = True) -> tuple[float, int]:
+        backend.own_loop = own_loop
         backend.prefix_cache = prefix_cache
         backend.continuation = continuation and prefix_cache
         backend._prefixes.clear()
@@ -97,6 +99,7 @@ def main() -> None:
     t_pipe, n_pipe = pipeline(True)
     batches = list(backend.batches)
     call_seconds = list(backend.seconds)
+    t_hf, n_hf = pipeline(True, own_loop=False)
     t_nocont, n_nocont = pipeline(True, continuation=False)
     t_nocache, n_nocache = pipeline(False)
 
@@ -108,7 +111,8 @@ def main() -> None:
     n_one = sum(raw_generate(backend, [m], args.max_new_tokens) for b in batches for m in b)
     t_one = time.perf_counter() - t0
 
-    arms = {"pipeline": (t_pipe, n_pipe), "pipeline, no continuation": (t_nocont, n_nocont),
+    arms = {"pipeline": (t_pipe, n_pipe), "pipeline, generate loop": (t_hf, n_hf),
+            "pipeline, no continuation": (t_nocont, n_nocont),
             "pipeline, no prefix cache": (t_nocache, n_nocache), "raw batched generate": (t_raw, n_raw),
             "one prompt at a time": (t_one, n_one)}
     rate = {k: n / t for k, (t, n) in arms.items()}
@@ -125,6 +129,8 @@ def main() -> None:
     print(f"pipeline / one at a time      = {rate['pipeline'] / rate['one prompt at a time']:.2f}  (target >= 5)")
     print(f"pipeline / no continuation    = {rate['pipeline'] / rate['pipeline, no continuation']:.2f}"
           "  (the revise stage continuing the critique's cache)")
+    print(f"pipeline / generate loop      = {rate['pipeline'] / rate['pipeline, generate loop']:.2f}"
+          "  (rows leaving the batch as they end)")
     print(f"raw batched / one at a time   = {rate['raw batched generate'] / rate['one prompt at a time']:.2f}")
     print(f"pipeline no cache / raw batch = {rate['pipeline, no prefix cache'] / rate['raw batched generate']:.2f}"
           "  (the pipeline's own overhead)")
