@@ -1,7 +1,7 @@
 """The local backend: a transformers causal LM that generates a whole batch at once.
 
 Prompts are rendered with the model's own chat template, left-padded (so every row's generation starts at the same
-column) and decoded together in one ``generate`` call. Generation stops at any of the model's end-of-turn tokens.
+column) and decoded together. Generation stops at any of the model's end-of-turn tokens.
 
 Prefix cache: the critique and revise stages of every prompt begin with the same tokens (system prompt and few-shot
 exemplars, ~1000 tokens with the default constitution, ~90% of each prompt). Their key/value cache is computed once
@@ -10,6 +10,10 @@ cuts a critique stage from ~27 s to ~7 s for 8 prompts, with identical greedy ou
 left-padded *after* the shared prefix; position ids come from the attention mask, so pads never shift positions (the
 layout is :mod:`cai.inference.batching`'s, shared with the judge and the server engine; the top-p draw is
 :mod:`cai.inference.sampling`'s).
+
+Decoding: :func:`cai.inference.decode.decode` over a cache grown in place (:mod:`cai.inference.kv`): each step writes
+only its new column, and a row leaves the batch the step after its end token (transformers' ``generate``, kept for
+caches with other layer kinds, copies the cache every step and runs every row to the end). Same tokens.
 
 Continuation: after a call, its cache is kept (:mod:`cai.inference.continuation`); when the next call's rows extend
 its rows (the revise stage's prompts are the critique stage's prompts plus the critiques just written), only their

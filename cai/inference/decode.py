@@ -6,7 +6,9 @@ size a row averages ~95 of 128 tokens), so about a quarter of the rows computed 
 attention over a long prompt. Here a row leaves the batch the step after its end-of-turn token (that token is fed
 once, so its keys/values are in the cache as ``generate`` leaves them): its slot is swapped with the last active one
 (:meth:`cai.inference.kv.GrowingLayer.swap_rows`, two rows copied, not the cache) and the steps run on the active
-slots only.
+slots only. What that saves is each row's own share of a step: in fp32 on a 2-core CPU a step is mostly reading the
+weights (16 rows cost ~1.3× 6 rows), so the pipeline gains ~5% there (``bench/generate.py``'s "generate loop" arm);
+the share grows with the prompts' length and the rows' number.
 
 The tokens are ``generate``'s (tested): greedy picks the argmax of the float32 logits; sampling draws every row of
 the call, active or not, in the call's row order from one generator (an ended row draws from a one-token
