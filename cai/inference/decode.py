@@ -50,6 +50,9 @@ def decode(lm: Any, input_ids: torch.Tensor, mask: torch.Tensor, cache: Any, *, 
     width = mask.shape[1]
     # as generate does: what the cache holds already is not fed again (the copied prefix's columns)
     fresh = width - cache.get_seq_length()
+    if not 1 <= fresh <= input_ids.shape[1]:   # each row needs a token fed: its logits pick the first new token
+        raise ValueError(f"the cache holds {cache.get_seq_length()} of the mask's {width} columns and "
+                         f"{input_ids.shape[1]} are given: no token left to feed")
     input_ids, positions = input_ids[:, -fresh:], positions[:, -fresh:]
     full_mask = torch.zeros(rows, width + max_new_tokens, dtype=mask.dtype, device=mask.device)
     full_mask[:, :width] = mask

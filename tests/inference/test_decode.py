@@ -80,3 +80,12 @@ def test_a_cache_of_plain_layers_is_refused(lm):
     with pytest.raises(TypeError, match="GrowingLayer"):
         decode(lm, padded.ids, padded.mask, DynamicCache(config=lm.config), max_new_tokens=2, eos_ids=[0],
                pad_id=PAD)
+
+
+def test_a_call_with_nothing_left_to_feed_is_refused(lm):
+    padded = left_pad(_rows(), PAD)
+    cache = growing(DynamicCache(config=lm.config))
+    with torch.inference_mode():
+        lm(input_ids=padded.ids, attention_mask=padded.mask, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="no token left to feed"):
+        decode(lm, padded.ids, padded.mask, cache, max_new_tokens=2, eos_ids=[0], pad_id=PAD)
