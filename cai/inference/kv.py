@@ -31,9 +31,15 @@ class GrowingLayer(DynamicLayer):
         self._rows: int | None = None   # only the first rows take part in steps (None: all); see activate
         super().__init__(**kwargs)
 
+    def _filled(self, buf: torch.Tensor | None) -> torch.Tensor | None:
+        """The part of a buffer steps see: the active rows, the filled columns."""
+        if buf is None or buf.dim() < 2:   # none yet, or transformers' empty placeholder
+            return buf
+        return buf[:self._rows, ..., :self._n, :]
+
     @property
     def keys(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:self._rows, ..., :self._n, :]
+        return self._filled(self._k)
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
@@ -43,7 +49,7 @@ class GrowingLayer(DynamicLayer):
 
     @property
     def values(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:self._rows, ..., :self._n, :]
+        return self._filled(self._v)
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
