@@ -4,8 +4,10 @@ All three run in this one process, on exactly the same conversations with the sa
 runs first (greedy, so every path decodes the same tokens) and records every batch it sends to the backend; the raw
 baselines then replay those batches, batched as the pipeline batched them and one by one. Prints tokens/s for each and
 the ratios. Absolute figures depend on the machine's load; the ratios, measured side by side, are what to compare.
-The pipeline runs again after every other arm and its row is the mean of both runs, so a machine that slows down
-(or speeds up) during the run does not flatter the ratios.
+Every other arm runs between two runs of the pipeline (one prompt at a time in one part per backend call, each
+between two), and its "paired" ratio divides each part by the mean of the pipeline runs just before and after it, so
+a machine that slows down or speeds up during the run (this VM drifts by half within minutes) does not move the ratios
+the way it moves timings taken far apart. The "totals" ratios, against the mean of all pipeline runs, are printed too.
 
     .venv/bin/python bench/generate.py                  # 16 prompts, batch 16, 1 round, 128 new tokens per stage
     .venv/bin/python bench/generate.py --batch-size 8 --max-new-tokens 48
@@ -101,26 +103,34 @@ def main() -> None:
     t_pipe, n_pipe = pipeline(True)
     batches = list(backend.batches)
     call_seconds = list(backend.seconds)
-    t_hf, n_hf = pipeline(True, own_loop=False)
-    t_nocont, n_nocont = pipeline(True, continuation=False)
-    t_nocache, n_nocache = pipeline(False)
+    pipe_runs = [t_pipe]
 
-    t0 = time.perf_counter()
-    n_raw = sum(raw_generate(backend, b, args.max_new_tokens) for b in batches)
-    t_raw = time.perf_counter() - t0
+    def raw(batch_list: list) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        n = sum(raw_generate(backend, b, args.max_new_tokens) for b in batch_list)
+        return time.perf_counter() - t0, n
 
-    t0 = time.perf_counter()
-    n_one = sum(raw_generate(backend, [m], args.max_new_tokens) for b in batches for m in b)
-    t_one = time.perf_counter() - t0
-    # the pipeline once more, last: this VM's speed drifts over a run, so its ratios take the mean of both timings
-    t_again, _ = pipeline(True)
-    first = t_pipe
-    t_pipe = (t_pipe + t_again) / 2
+    # every other arm runs between two runs of the pipeline, and is compared with the mean of those two: this VM's
+    # speed drifts by half within a run, so a ratio of timings taken minutes apart measures the drift as much as the
+    # code. One prompt at a time runs in one part per backend call of the pipeline, each between two pipeline runs.
+    parts: dict[str, list[tuple[float, int, float]]] = {}   # arm -> [(seconds, tokens, pipeline seconds around)]
+    plan = [("pipeline, generate loop", lambda: pipeline(True, own_loop=False)),
+            ("pipeline, no continuation", lambda: pipeline(True, continuation=False)),
+            ("pipeline, no prefix cache", lambda: pipeline(False)),
+            ("raw batched generate", lambda: raw(batches))]
+    plan += [("one prompt at a time", lambda b=b: raw([[m] for m in b])) for b in batches]
+    for arm, run in plan:
+        t, n = run()
+        t_after, _ = pipeline(True)
+        parts.setdefault(arm, []).append((t, n, (pipe_runs[-1] + t_after) / 2))
+        pipe_runs.append(t_after)
+        print(f"  {arm}: {t:.1f} s, pipeline around it {pipe_runs[-2]:.1f} / {t_after:.1f} s", flush=True)
 
-    arms = {"pipeline": (t_pipe, n_pipe), "pipeline, generate loop": (t_hf, n_hf),
-            "pipeline, no continuation": (t_nocont, n_nocont),
-            "pipeline, no prefix cache": (t_nocache, n_nocache), "raw batched generate": (t_raw, n_raw),
-            "one prompt at a time": (t_one, n_one)}
+    t_pipe = sum(pipe_runs) / len(pipe_runs)
+    arms = {"pipeline": (t_pipe, n_pipe)}
+    arms.update({k: (sum(t for t, _, _ in v), sum(n for _, n, _ in v)) for k, v in parts.items()})
+    # drift-corrected: each part's seconds in units of the pipeline's time around it
+    paired = {k: sum(t / around for t, _, around in v) for k, v in parts.items()}
     rate = {k: n / t for k, (t, n) in arms.items()}
     times = {k: t for k, (t, _) in arms.items()}
     tokens = {k: n for k, (_, n) in arms.items()}
@@ -128,19 +138,24 @@ def main() -> None:
           f"{args.max_new_tokens} new tokens max per stage, greedy; {len(batches)} backend calls; "
           f"torch threads {torch.get_num_threads()}")
     print("pipeline backend calls (s):", " ".join(f"{t:.1f}" for t in call_seconds))
-    print(f"pipeline first {first:.1f} s, again after every other arm {t_again:.1f} s: the pipeline row is their mean")
+    print(f"pipeline runs (s): {' '.join(f'{t:.1f}' for t in pipe_runs)}: the pipeline row is their mean")
     print(f"{'path':28} {'tokens':>7} {'seconds':>8} {'tok/s':>7}")
     for k in rate:
         print(f"{k:28} {tokens[k]:7d} {times[k]:8.1f} {rate[k]:7.1f}")
-    print(f"pipeline / raw batched        = {rate['pipeline'] / rate['raw batched generate']:.2f}  (target >= 0.9)")
-    print(f"pipeline / one at a time      = {rate['pipeline'] / rate['one prompt at a time']:.2f}  (target >= 5)")
-    print(f"pipeline / no continuation    = {rate['pipeline'] / rate['pipeline, no continuation']:.2f}"
-          "  (the revise stage continuing the critique's cache)")
-    print(f"pipeline / generate loop      = {rate['pipeline'] / rate['pipeline, generate loop']:.2f}"
-          "  (rows leaving the batch as they end)")
-    print(f"raw batched / one at a time   = {rate['raw batched generate'] / rate['one prompt at a time']:.2f}")
-    print(f"pipeline no cache / raw batch = {rate['pipeline, no prefix cache'] / rate['raw batched generate']:.2f}"
-          "  (the pipeline's own overhead)")
+    print("ratios: 'paired' divides each arm by the pipeline runs just before and after it; 'totals' by the mean of "
+          "all pipeline runs")
+
+    def ratio(label: str, arm: str, note: str) -> None:
+        per_token = tokens[arm] / n_pipe   # every arm decodes the same tokens; kept exact all the same
+        print(f"pipeline / {label:19} = {paired[arm] / per_token:.2f} paired, {rate['pipeline'] / rate[arm]:.2f} "
+              f"totals  {note}")
+
+    ratio("one at a time", "one prompt at a time", "(target >= 5)")
+    ratio("raw batched", "raw batched generate", "(target >= 0.9)")
+    ratio("no continuation", "pipeline, no continuation", "(the revise stage continuing the critique's cache)")
+    ratio("generate loop", "pipeline, generate loop", "(rows leaving the batch as they end)")
+    ratio("no prefix cache", "pipeline, no prefix cache", "(the prefix cache and shared-prefix attention)")
+    print(f"raw batched / one at a time   = {rate['raw batched generate'] / rate['one prompt at a time']:.2f} totals")
 
 
 if __name__ == "__main__":
