@@ -53,6 +53,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def adapter_sha256(folder: str | Path) -> str | None:
+    """An adapter's weights file's sha256 (None when it has none): what its answers are keyed on, in ``cai eval`` and
+    ``cai label``. Not its manifest, which holds the training's timings and date: an adapter retrained to the same
+    weights keeps its answers."""
+    folder = Path(folder)
+    weights = next((folder / w for w in ("adapter_model.safetensors", "adapter_model.bin") if (folder / w).exists()),
+                   None)
+    return file_sha256(weights) if weights else None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The RL phase (cai label)
 

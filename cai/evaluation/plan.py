@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cai.core.constitution import Constitution, Principle, load_constitution
 from cai.core.errors import CaiError, ConfigError, DataError, display_path
-from cai.core.hashing import content_digest, file_sha256, seeded_order
+from cai.core.hashing import adapter_sha256, content_digest, seeded_order
 from cai.core.prompt_files import PromptItem, load_prompts
 from cai.core.record import Record, read_records
 from cai.evaluation.rules import RuleSet, load_rules
@@ -168,9 +168,7 @@ def _adapters(run: Path, names: tuple[str, ...] | None, notes: list[str]) -> lis
             notes.append(f"adapter {n} is not finished (no manifest.json): left out")
     out = []
     for n, p in finished.items():
-        weights = next((w for w in ("adapter_model.safetensors", "adapter_model.bin") if (p / w).exists()), None)
-        digest = file_sha256(p / weights) if weights else None
-        out.append(ModelUnderTest(n, p, {"adapter": n, "adapter_sha256": digest}))
+        out.append(ModelUnderTest(n, p, {"adapter": n, "adapter_sha256": adapter_sha256(p)}))
     return out
 
 

@@ -129,13 +129,14 @@ def label_run(run: Path, opts: LabelOptions, feedback: Any, *, policy_backend: A
             policy: dict[str, Any] = {"policy": RECORDS}
         else:
             items = run_items(folder, opts.prompts, opts.limit)
+            adapter = getattr(policy_backend, "adapter", None)
             identity = {"model": policy_backend.model, "revision": policy_backend.model_revision,
-                        "adapter": _adapter_stamp(folder, getattr(policy_backend, "adapter", None))}
+                        "adapter": _adapter_stamp(folder, adapter)}
             tick = _ticker(progress, "answers", len(items) * opts.samples)
             pairs = policy_pairs(items, policy_backend, opts.policy, sampling, opts.samples,
                                  KeyedLog(folder.label_dir / "samples.jsonl"), opts.batch_size, identity, tick)
-            policy = {"policy": opts.policy, "policy_model": identity, "sampling": sampling.to_dict(),
-                      "samples": opts.samples}
+            policy = {"policy": opts.policy, "policy_model": _with_manifest(identity, adapter),
+                      "sampling": sampling.to_dict(), "samples": opts.samples}
         if not pairs.pairs:
             raise CaiError(f"no pairs to label in {folder.shown()}: {_why_none(pairs)}",
                            hint="Sample at a higher --temperature, or more --samples." if pairs.identical else None)
@@ -154,13 +155,23 @@ def label_run(run: Path, opts: LabelOptions, feedback: Any, *, policy_backend: A
 
 
 def _adapter_stamp(folder: RunFolder, adapter: str | None) -> dict | None:
-    """Which adapter answered: its folder (relative to the run) and the sha256 of its manifest."""
+    """Which adapter answers, as the samples' keys hold it: its folder (relative to the run) and its weights'
+    sha256. Not its manifest's, which changes with the training's timings: the seeds of the samples come from the
+    keys, so an adapter retrained to the same weights draws the same answers (``cai demo`` reproducible)."""
+    from cai.core.hashing import adapter_sha256
+
+    return {"path": folder.rel(adapter), "weights_sha256": adapter_sha256(adapter)} if adapter else None
+
+
+def _with_manifest(identity: dict, adapter: str | None) -> dict:
+    """The policy's identity for the card, with the sha256 of the adapter's manifest (its lineage) beside."""
     if not adapter:
-        return None
+        return identity
     from cai.core.hashing import file_sha256
 
     manifest = Path(adapter) / "manifest.json"
-    return {"path": folder.rel(adapter), "manifest_sha256": file_sha256(manifest) if manifest.exists() else None}
+    return {**identity, "adapter": {**identity["adapter"],
+                                    "manifest_sha256": file_sha256(manifest) if manifest.exists() else None}}
 
 
 def _ticker(progress: Any, kind: str, total: int):

@@ -203,6 +203,31 @@ def test_a_run_without_records_and_a_policy_adapter_of_another_base(tiny_run, tm
     assert rc == 2 and "trained on someone/else" in err
 
 
+def test_the_samples_are_keyed_on_the_adapters_weights_not_on_its_manifests_timings(tiny_run, tmp_path):
+    from cai.label.runner import _adapter_stamp, _with_manifest
+    from cai.run import RunFolder
+
+    run = copy(tiny_run, tmp_path / "run")
+    folder = RunFolder.open(run)
+
+    def adapter(name: str, weights: bytes, seconds: float) -> str:
+        path = run / "adapters" / name
+        path.mkdir(parents=True)
+        (path / "adapter_model.safetensors").write_bytes(weights)
+        (path / "manifest.json").write_text(json.dumps({"seconds_this_run": seconds}))
+        return str(path)
+
+    first, retrained, other = adapter("a", b"w1", 1.0), adapter("b", b"w1", 2.0), adapter("c", b"w2", 1.0)
+    stamp = [_adapter_stamp(folder, p) for p in (first, retrained, other)]
+    assert stamp[0]["path"] == "adapters/a"
+    assert stamp[0]["weights_sha256"] == stamp[1]["weights_sha256"] != stamp[2]["weights_sha256"]
+    assert "manifest_sha256" not in stamp[0]      # the key: a retrained adapter's new timings do not change it
+    card = [_with_manifest({"model": "m", "adapter": s}, p) for s, p in zip(stamp, (first, retrained))]
+    assert card[0]["adapter"]["manifest_sha256"] != card[1]["adapter"]["manifest_sha256"]   # the card has lineage
+    assert card[0]["adapter"]["weights_sha256"] == stamp[0]["weights_sha256"]
+    assert _adapter_stamp(folder, None) is None and _with_manifest({"adapter": None}, None) == {"adapter": None}
+
+
 def test_no_preference_principles_is_named(tiny_run, tmp_path, capsys):
     from conftest import constitution_yaml
 
