@@ -244,8 +244,14 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def _diff(c: dict) -> str:
-    return (f"{100 * c['difference']:+.1f} points [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}], paired over "
-            f"{c['prompts']} prompts; McNemar p = {c['p_value']:.3g}")
+    """The difference, its interval over prompts, and McNemar's p, named unclustered: it counts every (prompt,
+    question) pair as independent, so where the discordant questions sit in a few prompts it can be small while the
+    interval reaches 0, and the line then says which one the verdict follows."""
+    text = (f"{100 * c['difference']:+.1f} points [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}], paired over "
+            f"{c['prompts']} prompts; unclustered McNemar p = {c['p_value']:.3g}")
+    if c["verdict"] == "no difference detected" and c["p_value"] is not None and c["p_value"] < 0.05:
+        text += ", which takes the questions as independent: the verdict follows the interval"
+    return text
 
 
 def _verdict(c: dict, what: str) -> str:

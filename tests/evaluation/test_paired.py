@@ -42,6 +42,20 @@ def test_the_demo_case_is_no_difference_detected():
     assert _verdict(c, "violations").startswith("no difference detected (n = 16 prompts")
 
 
+def test_clustered_discordance_is_no_difference_and_the_summary_says_the_p_value_is_unclustered():
+    # today's demo: every discordant question sits in a few prompts, so McNemar (questions taken as independent) is
+    # small while the interval over prompts reaches 0: the summary must not read as a detected difference
+    base = [[0.0] * 10 for _ in range(16)]
+    base[2] = [1.0] * 10
+    model = [[0.0] * 10 for _ in range(16)]
+    c = paired_difference(base, model, seed=0)
+    assert c["verdict"] == "no difference detected" and c["hi"] == 0.0
+    assert c["p_value"] < 0.01
+    line = _verdict(c, "violations")
+    assert line.startswith("no difference detected (n = 16 prompts") and "unclustered McNemar p = " in line
+    assert "questions as independent" in line and "the verdict follows the interval" in line
+
+
 def test_only_questions_judged_for_both_models_count():
     base = [[1.0, None, 0.0], [None, None, None]]
     model = [[0.0, 1.0, None], [0.0, 1.0, 1.0]]
