@@ -245,8 +245,8 @@ def summary_lines(report: dict) -> list[str]:
 
 def _diff(c: dict) -> str:
     """The difference, its interval over prompts, and McNemar's p, named unclustered: it counts every (prompt,
-    question) pair as independent, so where the discordant questions sit in a few prompts it can be small while the
-    interval reaches 0, and the line then says which one the verdict follows."""
+    question) pair as independent. Where the discordant questions sit in a few prompts it can be small while the
+    interval reaches 0; a "no difference detected" line then says that the verdict follows the interval."""
     text = (f"{100 * c['difference']:+.1f} points [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}], paired over "
             f"{c['prompts']} prompts; unclustered McNemar p = {c['p_value']:.3g}")
     if c["verdict"] == "no difference detected" and c["p_value"] is not None and c["p_value"] < 0.05:

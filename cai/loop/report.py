@@ -82,7 +82,7 @@ def _cmp(c: dict | None) -> str:
     if not c or c.get("difference") is None:
         return "n/a"
     return (f"{c['verdict']} ({100 * c['difference']:+.1f} pts [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}], "
-            f"p {c['p_value']:.2g})")
+            f"unclustered McNemar p {c['p_value']:.2g})")
 
 
 def summary_lines(rows: list[dict], stopped_at: int | None, stopped: list[dict] | None) -> list[str]:

@@ -228,6 +228,37 @@ def test_the_samples_are_keyed_on_the_adapters_weights_not_on_its_manifests_timi
     assert _adapter_stamp(folder, None) is None and _with_manifest({"adapter": None}, None) == {"adapter": None}
 
 
+def test_label_run_keys_the_policy_samples_with_the_weights_stamp(tiny_run, tmp_path, monkeypatch):
+    """The wiring: what ``label_run`` hands ``policy_pairs`` as the samples' key identity stays the same when only the
+    adapter's manifest changes (a retraining to the same weights, at the same path), and changes with the weights."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from cai.label import runner
+
+    run = copy(tiny_run, tmp_path / "run")
+    sft = run / "adapters" / "sft"
+    sft.mkdir(parents=True)
+    seen: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def pairs_seen(*args, **kwargs):
+        seen.append(args[7])   # identity: the key's "policy" part
+        raise Stop
+
+    monkeypatch.setattr(runner, "policy_pairs", pairs_seen)
+    backend = SimpleNamespace(model="tiny", model_revision=None, adapter=str(sft))
+    for weights, seconds in ((b"w1", 1.0), (b"w1", 2.0), (b"w2", 2.0)):
+        (sft / "adapter_model.safetensors").write_bytes(weights)
+        (sft / "manifest.json").write_text(json.dumps({"seconds_this_run": seconds}))
+        with pytest.raises(Stop):
+            runner.label_run(run, runner.LabelOptions(policy="sft"), feedback=None, policy_backend=backend)
+    assert seen[0] == seen[1] != seen[2]
+    assert seen[0]["adapter"] == {"path": "adapters/sft", "weights_sha256": hashlib.sha256(b"w1").hexdigest()}
+
+
 def test_no_preference_principles_is_named(tiny_run, tmp_path, capsys):
     from conftest import constitution_yaml
 
