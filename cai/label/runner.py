@@ -22,6 +22,7 @@ from cai.backends.base import Sampling
 from cai.core.constitution import Constitution, load_constitution
 from cai.core.errors import CaiError, display_path
 from cai.core.files import KeyedLog, write_bytes_atomic, write_json_atomic
+from cai.core.hashing import adapter_sha256, file_sha256
 from cai.core.preference import Preference
 from cai.core.prompt_files import PromptItem, load_prompts
 from cai.core.record import read_records
@@ -158,8 +159,6 @@ def _adapter_stamp(folder: RunFolder, adapter: str | None) -> dict | None:
     """Which adapter answers, as the samples' keys hold it: its folder (relative to the run) and its weights'
     sha256. Not its manifest's, which changes with the training's timings: the seeds of the samples come from the
     keys, so an adapter retrained to the same weights draws the same answers (``cai demo`` reproducible)."""
-    from cai.core.hashing import adapter_sha256
-
     return {"path": folder.rel(adapter), "weights_sha256": adapter_sha256(adapter)} if adapter else None
 
 
@@ -167,8 +166,6 @@ def _with_manifest(identity: dict, adapter: str | None) -> dict:
     """The policy's identity for the card, with the sha256 of the adapter's manifest (its lineage) beside."""
     if not adapter:
         return identity
-    from cai.core.hashing import file_sha256
-
     manifest = Path(adapter) / "manifest.json"
     return {**identity, "adapter": {**identity["adapter"],
                                     "manifest_sha256": file_sha256(manifest) if manifest.exists() else None}}
