@@ -37,8 +37,6 @@ ARMS = {   # name -> Engine arguments
     "int4+compile": {"dtype": "bfloat16", "quantize": "int4", "compile": True},
     "bf16+max": {"dtype": "bfloat16", "compile": "max-autotune"},
     "int4+max": {"dtype": "bfloat16", "quantize": "int4", "compile": "max-autotune"},
-    "int8": {"dtype": "bfloat16", "quantize": "int8"},
-    "int8+max": {"dtype": "bfloat16", "quantize": "int8", "compile": "max-autotune"},
     "fp32": {"dtype": "float32"},
     "fp32+compile": {"dtype": "float32", "compile": True},
 }

@@ -221,10 +221,9 @@ def percentile(sorted_xs: list[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
 
 
-ARMS = ["ours", "ours-compiled", "ours-max", "ours-fast", "ours-int8", "ours-unbatched", "peer", "llama.cpp"]
+ARMS = ["ours", "ours-compiled", "ours-max", "ours-fast", "ours-unbatched", "peer", "llama.cpp"]
 OURS = {"ours": [], "ours-compiled": ["--compile"], "ours-max": ["--compile", "max-autotune"],
         "ours-fast": ["--compile", "max-autotune", "--quantize", "int4"],
-        "ours-int8": ["--compile", "max-autotune", "--quantize", "int8"],
         "ours-unbatched": ["--max-batch", "1"]}    # each arm's flags of `cai serve`
 LLAMA_CPP = Path(os.environ.get("CAI_LLAMA_CPP") or Path.home() / ".cache" / "cai" / "llama.cpp")
 LLAMA_SERVER = LLAMA_CPP / "bin" / "llama-server"       # where bench/build_llama_server.sh puts it
@@ -276,7 +275,7 @@ def main() -> int:
         port = free_port()
         if arm in OURS:
             argv = [cai_bin, "serve", "--model", "default", "--port", str(port),
-                    "--dtype", "bfloat16" if arm in ("ours-fast", "ours-int8") else dtype, *OURS[arm]]
+                    "--dtype", "bfloat16" if arm == "ours-fast" else dtype, *OURS[arm]]
             return Server(arm, argv + args.serve_args, port, "base", logdir)
         if arm == "llama.cpp":
             threads = str(os.cpu_count() or 1)

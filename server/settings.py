@@ -83,7 +83,7 @@ class Settings:
     device: str | None = None
     dtype: str = "auto"            # weights' dtype; auto: bf16 where the GPU or CPU has bf16 in hardware, else fp32
     compile: str | None = None     # default | max-autotune: compile every model's decode step (engine/compiled.py)
-    quantize: str | None = None    # "int4"/"int8": 4/8-bit weights for steps of a few rows, on a CPU (cpu_linear.py)
+    quantize: str | None = None    # "int4": 4-bit weights for steps of a few rows, on a CPU (inference/cpu_linear.py)
     max_batch: int = 16
     queue_size: int = 64
     base_name: str = "base"                                       # the base model's name in /v1/models

@@ -55,9 +55,7 @@ class ServeArgs:
                                  choices=["default", "max-autotune"], metavar="MODE")
     quantize: str | None = option(None, "int4: decode steps of a few rows read 4-bit copies of the weights (groups of "
                                         "32; the default model's own Q4_1 weights), on a CPU in bfloat16; prefills "
-                                        "and wide batches keep the bf16 weights. int8: 8-bit copies (a scale per "
-                                        "output), for steps of a few rows, and with --compile max-autotune for every "
-                                        "step its graphs run (16 rows too)", choices=["int4", "int8"])
+                                        "and wide batches keep the bf16 weights", choices=["int4"])
     upstream: list[str] = option([], "gateway mode: an OpenAI-compatible engine (vLLM, TGI, SGLang, llama.cpp, "
                                      "Ollama, cai serve) that does the generation, e.g. http://10.0.0.5:8000/v1; "
                                      "repeatable (balanced, failing ones cooled down); no model is loaded here",

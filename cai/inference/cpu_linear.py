@@ -1,5 +1,5 @@
-"""Linear layers for serving on a CPU: oneDNN's prepacked bf16 weights (the same products, faster), and 4-bit or
-8-bit copies for decoding (``cai serve --quantize int4`` / ``int8``).
+"""Linear layers for serving on a CPU: oneDNN's prepacked bf16 weights (the same products, faster), and 4-bit copies
+for decoding (``cai serve --quantize int4``).
 
 Why. A decode step reads every weight once and does little else with it, so the matrix products' speed is the step's.
 On this project's 2-core CPU (a Xeon with AMX, in a VM):
@@ -15,20 +15,6 @@ On this project's 2-core CPU (a Xeon with AMX, in a VM):
   inputs of at most :data:`ROWS` rows (decode steps of a few rows) and its bf16 weight for wider ones (prefills,
   batches of many rows): :func:`quantize_int4`.
 
-- torch's int8 kernel (``_weight_int8pack_mm``: bf16 activations, 8-bit weights, one bf16 scale per output) reads
-  half the bytes of bf16. Eagerly it is quick at a few rows only (~48 µs for that product at one row, ~316 µs at 16),
-  so, as the 4-bit path, it takes inputs of at most :data:`ROWS` rows. Inside a graph compiled with
-  ``--compile max-autotune`` it takes every row count: Inductor times its own C++ kernel for this product (AMX tiles
-  fed 8-bit weights converted in registers) against torch's and keeps the faster. Measured there on a stack of the
-  default model's 211 matrix products (30 layers and the output layer, weights streamed from memory): 16 rows 12.3 ms
-  against 20.5 ms in bf16, one row 6.9 against 9.8 (``bench/README.md``): :func:`quantize_int8`,
-  :func:`int8_in_graphs`. Eager steps outside the graphs (large prefills) keep the bf16 weight beyond :data:`ROWS`.
-
-The 8-bit format. ``w ≈ q · scale`` with ``q`` in -127..127, one scale per output row (its largest magnitude / 127),
-rounded to nearest. The error is at most half a step of the row's largest weight / 127; what it does to answers
-depends on the model: check it on your own prompts (the default model's weights come from 4-bit blocks with their own
-scales, which 8 bits per row do not hold exactly).
-
 The 4-bit format. ``w ≈ (q - 8) · scale + zero`` with ``q`` in 0..15, one (scale, zero) per group of 32 inputs of an
 output row, rounded to nearest between the group's minimum (q = 0) and maximum (q = 15). The default model comes from
 a GGUF Q4_1 file whose blocks have exactly this shape (32 weights, ``d · q + m``, q = 0 at the block's minimum and 15
@@ -38,8 +24,7 @@ on your own prompts.
 
 A converted layer is a :class:`CpuLinear`, an ``nn.Linear`` still (PEFT wraps it like any other, so LoRA adapters
 serve on it unchanged), whose bf16 weight stays (adapters, state_dict, the tied embedding); the packed and 4-bit
-copies are non-persistent buffers that ``state_dict`` leaves out. The packed copy doubles the weights' memory; the
-8-bit copy adds half of it, the 4-bit copy a quarter.
+copies are non-persistent buffers that ``state_dict`` leaves out. The packed copy doubles the weights' memory.
 """
 
 from __future__ import annotations
@@ -51,7 +36,7 @@ import torch
 from cai.core.errors import ModelError
 
 GROUP = 32     # inputs per (scale, zero) group of the 4-bit weights; a layer's inputs must be a multiple of it
-ROWS = 4       # inputs of at most this many rows take the 4- or 8-bit path, wider ones the bf16 weight
+ROWS = 4       # inputs of at most this many rows take the 4-bit path, wider ones the bf16 weight
 PACK_ROWS = 16  # the rows oneDNN's blocked layout is chosen for (at 1 to 64 rows it did as well as any other hint)
 
 
@@ -74,24 +59,16 @@ class CpuLinear(torch.nn.Linear):
     packed: torch.Tensor | None        # the weight in oneDNN's blocked layout (an opaque mkldnn tensor)
     int4_weight: torch.Tensor | None   # [out, in / 2] uint8: the 4-bit integers (torch's CPU int4 layout)
     int4_scales: torch.Tensor | None   # [in / GROUP, out, 2] bf16: each group's scale and zero
-    int8_weight: torch.Tensor | None   # [out, in] int8: each output's weights / its scale, rounded
-    int8_scales: torch.Tensor | None   # [out] bf16: each output's largest weight magnitude / 127
-    int8_in_graphs: bool = False       # every row count takes the 8-bit path inside a compiled graph (max-autotune)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        narrow = x.numel() <= ROWS * self.in_features
-        if self.int4_weight is not None and narrow:
+        if self.int4_weight is not None and x.numel() <= ROWS * self.in_features:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.int4_weight,
                                                              GROUP, self.int4_scales)
-        elif self.int8_weight is not None and (narrow or (self.int8_in_graphs and torch.compiler.is_compiling())):
-            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.int8_weight,
-                                                     self.int8_scales)
-        elif self.packed is not None:
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
+        if self.packed is not None:
             return packed_linear(x, self.packed, self.bias, self.out_features)
-        else:
-            return super().forward(x)
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        return super().forward(x)
 
 
 def _linears(lm: Any) -> list[torch.nn.Linear]:
@@ -103,7 +80,7 @@ def _convert(module: torch.nn.Linear) -> CpuLinear:
     """The layer as a :class:`CpuLinear` (in place), with no copy yet."""
     if type(module) is not CpuLinear:
         module.__class__ = CpuLinear
-        for name in ("packed", "int4_weight", "int4_scales", "int8_weight", "int8_scales"):
+        for name in ("packed", "int4_weight", "int4_scales"):
             module.register_buffer(name, None, persistent=False)
     return module  # type: ignore[return-value]
 
@@ -161,22 +138,17 @@ def dequantized(weight: torch.Tensor) -> torch.Tensor:
     return w.reshape(n, k)
 
 
-def _quantizable(lm: Any, kind: str) -> None:
-    """A ModelError unless ``lm`` can take ``--quantize kind``: on the CPU, in bf16 (the kernels' activations)."""
-    param = next(lm.parameters())
-    if param.device.type != "cpu":
-        raise ModelError(f"--quantize {kind} is for serving on a CPU (torch's {kind} CPU kernel); the model is on "
-                         f"{param.device}", hint="On a GPU, serve in bfloat16 without --quantize.")
-    if param.dtype != torch.bfloat16:
-        raise ModelError(f"--quantize {kind} computes in bfloat16 (its kernel takes bf16 activations); the model is "
-                         f"{str(param.dtype).removeprefix('torch.')}", hint="Use --dtype bfloat16 or auto.")
-
-
 def quantize_int4(lm: Any, *, lm_head: bool = True) -> int:
     """Give every linear layer of ``lm`` that fits a 4-bit copy (in place; the bf16 weights stay). ``lm_head``: the
     output layer too. Returns how many layers were converted; a ModelError when the model cannot take it (not bf16,
     not on the CPU, no layer fits)."""
-    _quantizable(lm, "int4")
+    param = next(lm.parameters())
+    if param.device.type != "cpu":
+        raise ModelError(f"--quantize int4 is for serving on a CPU (torch's int4 CPU kernel); the model is on "
+                         f"{param.device}", hint="On a GPU, serve in bfloat16 without --quantize.")
+    if param.dtype != torch.bfloat16:
+        raise ModelError(f"--quantize int4 computes in bfloat16 (its kernel takes bf16 activations); the model is "
+                         f"{str(param.dtype).removeprefix('torch.')}", hint="Use --dtype bfloat16 or auto.")
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     converted = 0
     for module in _linears(lm):
@@ -191,36 +163,3 @@ def quantize_int4(lm: Any, *, lm_head: bool = True) -> int:
         raise ModelError("--quantize int4: no linear layer of this model fits torch's int4 kernel (inputs a multiple "
                          f"of {GROUP}, outputs a multiple of 16)")
     return converted
-
-
-def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight [out, in] -> (q [out, in] int8 in -127..127, scales [out] bf16) with ``weight ≈ q · scale``: each
-    output's scale is its largest magnitude / 127 rounded to bf16, q rounded to nearest against that bf16 scale
-    (computed in fp32 whatever the weight's dtype; an all-zero row gets the smallest scale and q = 0)."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
-    q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scale
-
-
-def quantize_int8(lm: Any) -> int:
-    """Give every linear layer of ``lm`` an 8-bit copy (in place; the bf16 weights stay). Returns how many layers were
-    converted; a ModelError when the model cannot take it (not bf16, not on the CPU)."""
-    _quantizable(lm, "int8")
-    layers = _linears(lm)
-    for module in layers:
-        q, scales = pack_int8(module.weight)
-        layer = _convert(module)
-        layer.register_buffer("int8_weight", q, persistent=False)
-        layer.register_buffer("int8_scales", scales, persistent=False)
-    return len(layers)
-
-
-def int8_in_graphs(lm: Any, on: bool = True) -> int:
-    """Let every 8-bit layer of ``lm`` take its 8-bit path at every row count inside a compiled graph (for
-    ``--compile max-autotune``, whose own kernel makes it the faster path there; eagerly, and under the default
-    mode, torch's kernel is slower than bf16 beyond a few rows). Returns how many layers it set."""
-    layers = [m for m in _linears(lm) if isinstance(m, CpuLinear) and m.int8_weight is not None]
-    for layer in layers:
-        layer.int8_in_graphs = on
-    return len(layers)

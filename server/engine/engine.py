@@ -76,15 +76,15 @@ class Engine:
         self.base_name = base_name
         self.continuous = continuous            # admit waiting requests into a running wave
         self.prefill_chunk = prefill_chunk      # prompt tokens a decode step takes in (rows joining a running wave)
-        if quantize and dtype in (None, "auto"):
-            dtype = "bfloat16"                  # the int4 and int8 kernels take bf16 activations, whatever the CPU
+        if quantize == "int4" and dtype in (None, "auto"):
+            dtype = "bfloat16"                  # the int4 kernel takes bf16 activations, whatever the CPU
         mode = "default" if compile is True else compile or None       # the compile mode (compiled.py), or None
         # prepacked bf16 weights (a second copy of each) only under --compile's default mode: eager steps are
         # dispatch-bound (no gain measured), and max-autotune freezes and prepacks the weights itself
         served = load_models(model, dict(adapters or {}), device, dtype, base_name, quantize,
-                             prepack and mode == "default", in_graphs=mode == "max-autotune")
+                             prepack and mode == "default")
         base = served.base
-        self.quantize = quantize if served.quantized_layers else None   # "int4"/"int8": narrow inputs take 4/8 bits
+        self.quantize = quantize if served.quantized_layers else None   # "int4": narrow inputs take 4-bit weights
         self.tokenizer, self.device = base.tokenizer, base.device
         self.dtype = str(base.lm.dtype).removeprefix("torch.")
         self.model_id, self.model_revision = base.model_id, base.revision

